@@ -15,7 +15,8 @@ pub enum Error {
     /// Reading or writing the key file failed at the operating-system level.
     #[error("cannot {action} key file {}: {source}", path.display())]
     KeyFileIo {
-        /// What was being done: "read", "create", "write", "sync", "rename".
+        /// What was being done: "open", "inspect", "read", "create", "write", "sync",
+        /// "link", "sync the directory of".
         action: &'static str,
         /// The key file.
         path: PathBuf,

@@ -24,7 +24,7 @@
 //! The trailing checksum tells a damaged file apart from a wrong passphrase.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use chacha20poly1305::aead::AeadInOut;
@@ -323,9 +323,16 @@ impl KeyFile {
                 source,
             }
         };
-        let file = File::open(path).map_err(io("open"))?;
+        let mut file = File::open(path).map_err(io("open"))?;
         check_permissions(path, &file)?;
-        let bytes = Zeroizing::new(fs::read(path).map_err(io("read"))?);
+        // Read through the handle whose mode was checked, not by path again. A key
+        // file is 142 bytes at most; reading at most a little more tells a file with
+        // trailing bytes apart without reading a huge wrong file whole.
+        let mut bytes = Zeroizing::new(Vec::with_capacity(WRAPPED_LEN + 1));
+        (&mut file)
+            .take(WRAPPED_LEN as u64 + 1024)
+            .read_to_end(&mut bytes)
+            .map_err(io("read"))?;
         Self::parse(&bytes).map_err(|source| Error::KeyFile {
             path: path.to_path_buf(),
             source,

@@ -13,8 +13,9 @@
 //! ```
 //!
 //! The associated data is `MAGIC || bytes 0..6 || object id`: the magic, version,
-//! kind, key check and id are all authenticated, but only the first four travel (the
-//! id is the object's name and is known to both sides).
+//! kind, key check and id are all authenticated, but only version, kind and key check
+//! travel in the object (the magic is a constant, and the id is the object's name,
+//! known to both sides).
 
 use chacha20poly1305::aead::AeadInOut;
 use chacha20poly1305::{Tag, XNonce};

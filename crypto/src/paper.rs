@@ -50,7 +50,11 @@ pub fn to_paper(key: &MasterKey) -> Zeroizing<String> {
 /// number of characters, or groups that do not belong together.
 pub fn from_paper(text: &str) -> Result<MasterKey, PaperError> {
     let mut values = Zeroizing::new(Vec::with_capacity(CHARS));
-    for line in text.lines().filter(|l| !l.trim_start().starts_with(HEADER)) {
+    let is_header = |line: &str| {
+        let line = line.trim_start().as_bytes();
+        line.len() >= HEADER.len() && line[..HEADER.len()].eq_ignore_ascii_case(HEADER.as_bytes())
+    };
+    for line in text.lines().filter(|l| !is_header(l)) {
         for ch in line.chars().filter(|c| !c.is_whitespace() && *c != '-') {
             let value = decode_char(ch).ok_or(PaperError::InvalidCharacter {
                 ch,
@@ -160,6 +164,11 @@ mod tests {
         let key = sample();
         let chars: String = significant(&to_paper(&key)).into_iter().collect();
         let retyped = chars.to_lowercase().replace('0', "o").replace('1', "l");
+        let with_header = to_paper(&key).to_lowercase();
+        assert_eq!(
+            from_paper(&with_header).unwrap().expose_secret(),
+            key.expose_secret()
+        );
         let spaced: String = retyped
             .chars()
             .enumerate()

@@ -1,0 +1,42 @@
+//! Homing's transfer layer: chunking, the sealed object format and the sealing
+//! pipeline. (The wire protocol codec and the metered stream join it later.)
+//!
+//! - [`Chunker`] cuts a stream with FastCDC (2020) under a key-seeded gear table
+//!   and the pinned [`ChunkerParams::V1`];
+//! - [`Sealer`] turns a plaintext into a [`SealedObject`]: zstd when it helps, then
+//!   [`homing_crypto`]'s sealing; [`open_object`] reverses it and verifies the id;
+//! - [`seal_stream`] runs both over a reader on several threads, in bounded memory.
+//!
+//! # Example
+//!
+//! ```
+//! use homing_crypto::{MasterKey, ObjectKind};
+//! use homing_transfer::{PipelineOptions, open_object, seal_stream};
+//!
+//! let keys = MasterKey::generate()?.key_ring();
+//! let file = vec![7_u8; 300_000];
+//! let mut objects = Vec::new();
+//! let summary = seal_stream::<_, homing_transfer::Error, _>(
+//!     &file[..],
+//!     &keys,
+//!     PipelineOptions::default(),
+//!     |chunk| Ok(objects.push(chunk.object)),
+//! )?;
+//! assert_eq!(summary.bytes_read, 300_000);
+//! let mut restored = Vec::new();
+//! for object in &objects {
+//!     restored.extend(open_object(&keys, ObjectKind::Chunk, &object.id, &object.bytes)?);
+//! }
+//! assert_eq!(restored, file);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+mod chunker;
+mod error;
+mod object;
+mod pipeline;
+
+pub use chunker::{ChunkSpan, Chunker, ChunkerParams};
+pub use error::Error;
+pub use object::{DEFAULT_ZSTD_LEVEL, MAX_OBJECT_PLAINTEXT, SealedObject, Sealer, open_object};
+pub use pipeline::{PipelineOptions, SealedChunk, StreamSummary, seal_stream};

@@ -1,0 +1,311 @@
+//! Sealed objects: compress (when it helps), then seal; open, decompress, verify.
+//!
+//! The payload that the crypto layer seals starts with one codec byte, so whether an
+//! object was compressed is itself encrypted:
+//!
+//! ```text
+//! payload = codec (0 = stored, 1 = zstd frame) || body
+//! ```
+//!
+//! An object's id is the keyed hash of its *uncompressed* plaintext, so the same
+//! content has the same id whatever the compression did.
+
+use homing_crypto::{HEADER_LEN, KeyRing, ObjectId, ObjectKind};
+
+use crate::error::Error;
+
+/// The largest plaintext of any object Homing writes (chunks are far smaller; tree
+/// objects of huge directories are split before they reach this).
+pub const MAX_OBJECT_PLAINTEXT: usize = 16 * 1024 * 1024;
+
+/// The default zstd level: fast enough to keep up with the primitives on one core.
+pub const DEFAULT_ZSTD_LEVEL: i32 = 3;
+
+const CODEC_STORED: u8 = 0;
+const CODEC_ZSTD: u8 = 1;
+const PAYLOAD_AT: usize = HEADER_LEN + 1;
+
+/// An object ready for the spool and the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SealedObject {
+    /// Its id (keyed hash of the plaintext).
+    pub id: ObjectId,
+    /// Its kind.
+    pub kind: ObjectKind,
+    /// Length of the plaintext.
+    pub plain_len: u32,
+    /// The sealed bytes, as stored and sent.
+    pub bytes: Vec<u8>,
+}
+
+/// Turns plaintexts into sealed objects. One per thread: it owns a zstd context.
+pub struct Sealer<'k> {
+    keys: &'k KeyRing,
+    compressor: zstd::bulk::Compressor<'static>,
+}
+
+impl<'k> Sealer<'k> {
+    /// A sealer compressing at the given zstd level (1-22; 0 means zstd's default).
+    ///
+    /// # Errors
+    /// [`Error::Compress`] if zstd cannot set up a context at that level.
+    pub fn new(keys: &'k KeyRing, zstd_level: i32) -> Result<Self, Error> {
+        let compressor = zstd::bulk::Compressor::new(zstd_level).map_err(Error::Compress)?;
+        Ok(Self { keys, compressor })
+    }
+
+    /// Seals `plaintext` as an object of `kind`.
+    ///
+    /// # Errors
+    /// [`Error::TooLarge`] past [`MAX_OBJECT_PLAINTEXT`]; [`Error::Crypto`] if no
+    /// nonce can be drawn.
+    pub fn seal(&mut self, kind: ObjectKind, plaintext: &[u8]) -> Result<SealedObject, Error> {
+        let id = self.keys.object_id(plaintext);
+        self.seal_with_id(kind, id, plaintext)
+    }
+
+    /// Seals `plaintext` whose id the caller has already computed (for example to
+    /// skip objects the store has).
+    ///
+    /// # Errors
+    /// As [`Sealer::seal`].
+    pub fn seal_with_id(
+        &mut self,
+        kind: ObjectKind,
+        id: ObjectId,
+        plaintext: &[u8],
+    ) -> Result<SealedObject, Error> {
+        if plaintext.len() > MAX_OBJECT_PLAINTEXT {
+            return Err(Error::TooLarge {
+                id,
+                len: plaintext.len() as u64,
+                limit: MAX_OBJECT_PLAINTEXT as u64,
+            });
+        }
+        // Compress straight into the final buffer. A compressed body must be
+        // strictly smaller than the plaintext to be worth its decompression, so the
+        // destination is one byte short of it: zstd fails when it cannot do better.
+        let mut bytes = vec![0_u8; PAYLOAD_AT + plaintext.len()];
+        let room = plaintext.len().saturating_sub(1);
+        let compressed = match self
+            .compressor
+            .compress_to_buffer(plaintext, &mut bytes[PAYLOAD_AT..PAYLOAD_AT + room])
+        {
+            Ok(len) if !plaintext.is_empty() => Some(len),
+            _ => None,
+        };
+        match compressed {
+            Some(len) => {
+                bytes[HEADER_LEN] = CODEC_ZSTD;
+                bytes.truncate(PAYLOAD_AT + len);
+            }
+            None => {
+                bytes[HEADER_LEN] = CODEC_STORED;
+                bytes[PAYLOAD_AT..].copy_from_slice(plaintext);
+            }
+        }
+        self.keys.seal_in_place(kind, &id, &mut bytes)?;
+        Ok(SealedObject {
+            id,
+            kind,
+            plain_len: u32::try_from(plaintext.len()).expect("bounded by MAX_OBJECT_PLAINTEXT"),
+            bytes,
+        })
+    }
+}
+
+/// Opens a sealed object: authenticates it as `kind` named `id`, decompresses it,
+/// and checks that the plaintext hashes to `id`.
+///
+/// # Errors
+/// [`Error::Crypto`] for anything the authentication catches (tampering, wrong
+/// kind, wrong key, wrong id), [`Error::Decompress`] or [`Error::TooLarge`] for a
+/// bad payload, [`Error::IdMismatch`] if the content does not match its id.
+pub fn open_object(
+    keys: &KeyRing,
+    kind: ObjectKind,
+    id: &ObjectId,
+    sealed: &[u8],
+) -> Result<Vec<u8>, Error> {
+    // Refuse before decrypting anything: no object Homing writes is this large.
+    let limit = (MAX_OBJECT_PLAINTEXT + 1 + homing_crypto::SEAL_OVERHEAD) as u64;
+    if sealed.len() as u64 > limit {
+        return Err(Error::TooLarge {
+            id: *id,
+            len: sealed.len() as u64,
+            limit,
+        });
+    }
+    let payload = keys.open(kind, id, sealed)?;
+    let damaged = |reason: &str| Error::Decompress {
+        id: *id,
+        reason: reason.to_string(),
+    };
+    let (&codec, body) = payload
+        .split_first()
+        .ok_or_else(|| damaged("empty payload"))?;
+    let plaintext = match codec {
+        CODEC_STORED => body.to_vec(),
+        CODEC_ZSTD => {
+            let claimed = zstd::zstd_safe::get_frame_content_size(body)
+                .map_err(|_| damaged("not a zstd frame"))?
+                .ok_or_else(|| damaged("zstd frame without content size"))?;
+            if claimed > MAX_OBJECT_PLAINTEXT as u64 {
+                return Err(Error::TooLarge {
+                    id: *id,
+                    len: claimed,
+                    limit: MAX_OBJECT_PLAINTEXT as u64,
+                });
+            }
+            // The claimed size is bounded above, so this allocation is too.
+            let mut out = Vec::with_capacity(claimed as usize);
+            zstd::bulk::Decompressor::new()
+                .and_then(|mut d| d.decompress_to_buffer(body, &mut out))
+                .map_err(|e| damaged(&e.to_string()))?;
+            out
+        }
+        other => return Err(damaged(&format!("unknown codec byte {other:#04x}"))),
+    };
+    if keys.object_id(&plaintext) != *id {
+        return Err(Error::IdMismatch { id: *id });
+    }
+    Ok(plaintext)
+}
+
+#[cfg(test)]
+mod tests {
+    use homing_crypto::MasterKey;
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn keys() -> KeyRing {
+        MasterKey::from_bytes(&mut [3; 32]).key_ring()
+    }
+
+    #[test]
+    fn compressible_data_is_compressed_and_round_trips() {
+        let keys = keys();
+        let mut sealer = Sealer::new(&keys, DEFAULT_ZSTD_LEVEL).unwrap();
+        let text = "all work and no play makes jack a dull boy\n".repeat(1000);
+        let object = sealer.seal(ObjectKind::Chunk, text.as_bytes()).unwrap();
+        assert!(
+            object.bytes.len() < text.len() / 10,
+            "{} bytes",
+            object.bytes.len()
+        );
+        let back = open_object(&keys, ObjectKind::Chunk, &object.id, &object.bytes).unwrap();
+        assert_eq!(back, text.as_bytes());
+    }
+
+    #[test]
+    fn incompressible_data_is_stored_with_fixed_overhead() {
+        let keys = keys();
+        let mut sealer = Sealer::new(&keys, DEFAULT_ZSTD_LEVEL).unwrap();
+        let noise: Vec<u8> = (0..10_000_u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        let object = sealer.seal(ObjectKind::Chunk, &noise).unwrap();
+        assert!(object.bytes.len() <= noise.len() + homing_crypto::SEAL_OVERHEAD + 1);
+        let back = open_object(&keys, ObjectKind::Chunk, &object.id, &object.bytes).unwrap();
+        assert_eq!(back, noise);
+    }
+
+    #[test]
+    fn ids_do_not_depend_on_compression() {
+        let keys = keys();
+        let data = b"same content".repeat(100);
+        let fast = Sealer::new(&keys, 1)
+            .unwrap()
+            .seal(ObjectKind::Chunk, &data)
+            .unwrap();
+        let slow = Sealer::new(&keys, 19)
+            .unwrap()
+            .seal(ObjectKind::Chunk, &data)
+            .unwrap();
+        assert_eq!(fast.id, slow.id);
+        assert_eq!(fast.id, keys.object_id(&data));
+    }
+
+    #[test]
+    fn a_payload_that_lies_about_its_size_is_refused() {
+        let keys = keys();
+        // A valid zstd frame of 17 MiB of zeros, sealed with the right key: a
+        // decompression bomb from someone who holds the key.
+        let bomb = zstd::bulk::compress(&vec![0; MAX_OBJECT_PLAINTEXT + 1024 * 1024], 3).unwrap();
+        let mut payload = vec![CODEC_ZSTD];
+        payload.extend_from_slice(&bomb);
+        let id = keys.object_id(b"whatever");
+        let sealed = keys.seal(ObjectKind::Chunk, &id, &payload).unwrap();
+        let result = open_object(&keys, ObjectKind::Chunk, &id, &sealed);
+        assert!(matches!(result, Err(Error::TooLarge { .. })), "{result:?}");
+    }
+
+    #[test]
+    fn damaged_payloads_and_wrong_content_get_their_own_errors() {
+        let keys = keys();
+        let id = keys.object_id(b"content");
+        let unknown_codec = keys.seal(ObjectKind::Chunk, &id, &[9, 1, 2]).unwrap();
+        let result = open_object(&keys, ObjectKind::Chunk, &id, &unknown_codec);
+        assert!(
+            matches!(result, Err(Error::Decompress { .. })),
+            "{result:?}"
+        );
+
+        let not_zstd = keys
+            .seal(ObjectKind::Chunk, &id, &[CODEC_ZSTD, 1, 2, 3])
+            .unwrap();
+        let result = open_object(&keys, ObjectKind::Chunk, &id, &not_zstd);
+        assert!(
+            matches!(result, Err(Error::Decompress { .. })),
+            "{result:?}"
+        );
+
+        // Authentic, but its content is not what the id names.
+        let forged = keys
+            .seal(ObjectKind::Chunk, &id, &[CODEC_STORED, b'x'])
+            .unwrap();
+        let result = open_object(&keys, ObjectKind::Chunk, &id, &forged);
+        assert!(
+            matches!(result, Err(Error::IdMismatch { .. })),
+            "{result:?}"
+        );
+
+        let mut flipped = keys
+            .seal(ObjectKind::Chunk, &id, &[CODEC_STORED, 1])
+            .unwrap();
+        flipped[40] ^= 1;
+        let result = open_object(&keys, ObjectKind::Chunk, &id, &flipped);
+        assert!(matches!(result, Err(Error::Crypto(_))), "{result:?}");
+    }
+
+    #[test]
+    fn the_empty_object_round_trips() {
+        let keys = keys();
+        let object = Sealer::new(&keys, 3)
+            .unwrap()
+            .seal(ObjectKind::Tree, b"")
+            .unwrap();
+        assert_eq!(
+            open_object(&keys, ObjectKind::Tree, &object.id, &object.bytes).unwrap(),
+            b""
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn seal_open_round_trip(data in proptest::collection::vec(0_u8..4, 0..20_000)) {
+            let keys = keys();
+            let object = Sealer::new(&keys, 3).unwrap().seal(ObjectKind::Chunk, &data).unwrap();
+            prop_assert_eq!(open_object(&keys, ObjectKind::Chunk, &object.id, &object.bytes).unwrap(), data);
+        }
+
+        #[test]
+        fn open_of_arbitrary_payloads_never_panics(payload in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let keys = keys();
+            let id = keys.object_id(b"x");
+            let sealed = keys.seal(ObjectKind::Chunk, &id, &payload).unwrap();
+            let _ = open_object(&keys, ObjectKind::Chunk, &id, &sealed);
+        }
+    }
+}

@@ -1,0 +1,53 @@
+//! End-to-end tests for Homing: they start the real `homing` and `homing-store`
+//! binaries, as a user would, and check what comes out. The tests are in
+//! `tests/tests/e2e.rs` (one binary, one module per area); this library only finds
+//! the binaries.
+//!
+//! `cargo test` does not build the executables of other packages, so the first
+//! call of [`binary`] runs `cargo build` for them, in the profile the tests run in.
+//! When they are up to date that takes a fraction of a second.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::OnceLock;
+
+/// The binaries the end-to-end tests start, and their packages.
+const PACKAGES: &[&str] = &["homing", "homing-store"];
+
+/// The path of a binary of the workspace, built (once per test run) if need be.
+///
+/// # Panics
+/// If the build fails: the tests cannot run without the binaries.
+pub fn binary(name: &str) -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    let dir = BUILT.get_or_init(build);
+    dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX))
+}
+
+fn build() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test knows its own path");
+    // target/<profile>/deps/<test binary> → target/<profile>
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("test binaries live in target/<profile>/deps")
+        .to_path_buf();
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut command = Command::new(cargo);
+    command
+        .arg("build")
+        .arg("--locked")
+        .current_dir(env!("CARGO_MANIFEST_DIR"));
+    if dir.file_name().is_some_and(|n| n == "release") {
+        command.arg("--release");
+    }
+    for package in PACKAGES {
+        command.args(["-p", package]);
+    }
+    let status = command.status().expect("cargo runs");
+    assert!(
+        status.success(),
+        "building {PACKAGES:?} for the end-to-end tests failed"
+    );
+    dir
+}

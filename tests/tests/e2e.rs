@@ -1,0 +1,61 @@
+//! End-to-end tests: the real binaries, started as a user would start them.
+//!
+//! One test binary with one module per area (as ripgrep and rustic do), so that
+//! the workspace links one executable for all of them.
+
+mod key;
+mod unimplemented;
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+use homing_e2e::binary;
+
+/// Runs `homing` with `--config DIR` and the arguments, with no terminal on stdin.
+fn homing(config: &Path, args: &[&str]) -> Output {
+    homing_with_stdin(config, args, "")
+}
+
+fn homing_with_stdin(config: &Path, args: &[&str], stdin: &str) -> Output {
+    use std::io::Write;
+    let mut child = Command::new(binary("homing"))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .env_remove("HOMING_CONFIG")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("homing starts");
+    let written = child
+        .stdin
+        .take()
+        .expect("stdin is piped")
+        .write_all(stdin.as_bytes());
+    // A command that refuses early exits without reading its input: not an error here.
+    if let Err(error) = written {
+        assert_eq!(error.kind(), std::io::ErrorKind::BrokenPipe, "{error}");
+    }
+    child.wait_with_output().expect("homing runs to the end")
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// Asserts success and returns stdout, showing stderr if it failed.
+fn ok(output: Output) -> String {
+    assert!(
+        output.status.success(),
+        "failed: {}\n{}",
+        output.status,
+        stderr(&output)
+    );
+    stdout(&output)
+}

@@ -1,0 +1,39 @@
+//! Commands of later releases are refused plainly, never faked.
+
+use std::process::Command;
+
+use homing_e2e::binary;
+
+use super::{homing, stderr};
+
+#[test]
+fn planned_client_commands_exit_2_and_say_so() {
+    let home = tempfile::tempdir().unwrap();
+    for command in ["init", "backup", "restore", "daemon"] {
+        let result = homing(home.path(), &[command]);
+        assert_eq!(result.status.code(), Some(2), "{command}");
+        assert!(
+            stderr(&result).contains("not implemented"),
+            "{command}: {}",
+            stderr(&result)
+        );
+    }
+    let unknown = homing(home.path(), &["frobnicate"]);
+    assert_eq!(unknown.status.code(), Some(2));
+    assert!(stderr(&unknown).contains("unknown command"));
+}
+
+#[test]
+fn the_store_server_refuses_to_pretend() {
+    let result = Command::new(binary("homing-store"))
+        .args(["serve", "--store", "/tmp/x"])
+        .output()
+        .unwrap();
+    assert_eq!(result.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&result.stderr).contains("not implemented"));
+    let version = Command::new(binary("homing-store"))
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert!(version.status.success());
+}

@@ -115,10 +115,13 @@ fn known_answer_vectors_match_the_checked_in_file() {
     if std::env::var_os("HOMING_BLESS").is_some() {
         // Keep the key-file fixtures of an existing file: they stand for files that
         // users already have.
+        // Read only the fixtures, so that a change to the other fields cannot drop them.
         let previous = std::fs::read_to_string(PATH)
             .ok()
-            .and_then(|t| serde_json::from_str::<Vectors>(&t).ok())
-            .map(|v| v.key_files);
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| {
+                serde_json::from_value::<Vec<KeyFileVector>>(v["key_files"].clone()).ok()
+            });
         let vectors = compute(previous);
         let text = serde_json::to_string_pretty(&vectors).unwrap() + "\n";
         std::fs::write(PATH, text).unwrap();

@@ -40,7 +40,7 @@ pub enum KeyCommand {
         /// How the key file is protected.
         #[command(flatten)]
         passphrase: NewPassphrase,
-        /// Argon2id memory in MiB for the passphrase (at least 64 by default).
+        /// Argon2id memory in MiB for the passphrase; lower it only on small machines.
         #[arg(long, value_name = "MIB", default_value_t = 64)]
         kdf_memory_mib: u32,
         /// Argon2id passes for the passphrase.

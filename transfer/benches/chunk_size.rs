@@ -24,6 +24,8 @@ use std::time::Instant;
 
 use fastcdc::v2020::{FastCDC, Normalization};
 
+mod corpus;
+
 const MIB: usize = 1024 * 1024;
 const KIB: u32 = 1024;
 const SEAL_OVERHEAD: usize = 46;
@@ -48,11 +50,7 @@ fn main() {
         }
     }
     if text_dirs.is_empty() {
-        let home = std::env::var_os("CARGO_HOME")
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")));
-        text_dirs.extend(home.map(|h| h.join("registry/src")));
-        text_dirs.push("/usr/include".into());
+        text_dirs = corpus::default_text_dirs();
     }
     let data = mixed(mib * MIB, &text_dirs);
     let edits = edit_positions(data.len(), 20);
@@ -218,11 +216,8 @@ fn edit_positions(len: usize, count: usize) -> Vec<usize> {
 
 /// Alternating blocks of 192 KiB of text and 64 KiB of random bytes.
 fn mixed(len: usize, dirs: &[PathBuf]) -> Vec<u8> {
-    let text = text(len, dirs);
-    let mut random = vec![0; len];
-    blake3::Hasher::new_derive_key("homing bench random data")
-        .finalize_xof()
-        .fill(&mut random);
+    let text = corpus::text(len, dirs);
+    let random = corpus::random(len);
     let mut out = Vec::with_capacity(len);
     let (mut t, mut r) = (0, 0);
     while out.len() < len {
@@ -232,37 +227,6 @@ fn mixed(len: usize, dirs: &[PathBuf]) -> Vec<u8> {
         out.extend_from_slice(&random[r..r + 64 * 1024]);
         r += 64 * 1024;
     }
-    out.truncate(len);
-    out
-}
-
-fn text(len: usize, dirs: &[PathBuf]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(len);
-    let mut stack: Vec<PathBuf> = dirs.to_vec();
-    while let Some(path) = stack.pop() {
-        if out.len() >= len {
-            break;
-        }
-        let Ok(meta) = std::fs::symlink_metadata(&path) else {
-            continue;
-        };
-        if meta.is_dir() {
-            let Ok(entries) = std::fs::read_dir(&path) else {
-                continue;
-            };
-            let mut children: Vec<PathBuf> =
-                entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
-            children.sort();
-            stack.extend(children.into_iter().rev());
-        } else if meta.is_file() {
-            if let Ok(bytes) = std::fs::read(&path) {
-                if std::str::from_utf8(&bytes).is_ok() {
-                    out.extend_from_slice(&bytes);
-                }
-            }
-        }
-    }
-    assert!(!out.is_empty(), "no text found under {dirs:?}");
     out.truncate(len);
     out
 }

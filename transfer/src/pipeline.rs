@@ -36,8 +36,8 @@ use crate::object::{DEFAULT_ZSTD_LEVEL, SealedObject, Sealer};
 /// How to run the pipeline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PipelineOptions {
-    /// Worker threads for id, compression and sealing; 1 runs everything on the
-    /// calling thread.
+    /// Threads that cut, id, compress and seal, the calling thread included; 1 runs
+    /// everything on the calling thread.
     pub threads: usize,
     /// zstd level.
     pub zstd_level: i32,
@@ -168,6 +168,23 @@ where
     }
 }
 
+/// Wakes the other threads with a failure if the thread holding it unwinds.
+struct PanicAlarm<'a, R, F, E: From<Error>>(&'a Shared<R, F, E>);
+
+impl<R, F, E: From<Error>> Drop for PanicAlarm<'_, R, F, E> {
+    fn drop(&mut self) {
+        if thread::panicking() {
+            // The output lock is poisoned if the panic struck while it was held;
+            // its state is still good enough to record a failure in.
+            let mut output = self.0.output.lock().unwrap_or_else(|p| p.into_inner());
+            output
+                .failure
+                .get_or_insert_with(|| Error::WorkerPanicked.into());
+            self.0.room.notify_all();
+        }
+    }
+}
+
 /// What the pipeline's threads share.
 struct Shared<R, F, E> {
     source: Mutex<Source<R>>,
@@ -201,6 +218,9 @@ where
     /// One thread's loop: take a permit, cut, seal, deliver. Returns when the stream
     /// has ended, or the run has failed (or a thread panicked: the locks are poisoned).
     fn work(&self, mut sealer: Sealer<'_>) {
+        // If this thread panics (a bug, or a panicking sink), the others may be
+        // asleep waiting for its chunk: mark the run failed and wake them.
+        let _alarm = PanicAlarm(self);
         let mut buffer = Vec::new();
         loop {
             {
@@ -384,6 +404,42 @@ mod tests {
                 other => panic!("expected a read error, got {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn a_panicking_sink_does_not_hang_the_other_threads() {
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let keys = keys();
+            let input = data(3_000_000);
+            let mut calls = 0;
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                seal_stream::<_, Error, _>(
+                    &input[..],
+                    &keys,
+                    PipelineOptions {
+                        threads: 3,
+                        zstd_level: 1,
+                    },
+                    |_| {
+                        calls += 1;
+                        assert!(calls < 3, "sink gives up");
+                        Ok(())
+                    },
+                )
+            }));
+            // Either the panic reached the caller (it struck on the calling thread)
+            // or it was turned into an error (it struck on a helper).
+            let fine = match result {
+                Err(_) => true,
+                Ok(result) => matches!(result, Err(Error::WorkerPanicked)),
+            };
+            done_tx.send(fine).unwrap();
+        });
+        let fine = done_rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("the pipeline hung after a panic");
+        assert!(fine);
     }
 
     #[test]

@@ -64,17 +64,70 @@ impl ChunkerParams {
     }
 }
 
+/// FastCDC's cut decision under fixed parameters and seed: where the chunk that
+/// starts at the beginning of a slice ends.
+///
+/// The decision depends only on the bytes from the chunk's start, so it can be taken
+/// anywhere in a stream once the start is known; [`Chunker`] takes it in stream
+/// order, and the parallel pipeline also speculatively from guessed starts.
+#[derive(Debug, Clone)]
+pub(crate) struct Cutter {
+    params: ChunkerParams,
+    mask_s: u64,
+    mask_l: u64,
+    gear: Cow<'static, [u64]>,
+    gear_ls: Cow<'static, [u64]>,
+}
+
+impl Cutter {
+    /// # Panics
+    /// If `params` fail [`ChunkerParams::validate`].
+    pub(crate) fn new(params: ChunkerParams, seed: u64) -> Self {
+        if let Err(problem) = params.validate() {
+            panic!("{problem}");
+        }
+        let (mask_s, mask_l) = v2020::select_masks(params.avg_size as usize, params.level());
+        let (gear, gear_ls) = v2020::get_gear_with_seed(seed);
+        Self {
+            params,
+            mask_s,
+            mask_l,
+            gear,
+            gear_ls,
+        }
+    }
+
+    pub(crate) fn params(&self) -> ChunkerParams {
+        self.params
+    }
+
+    /// Length of the chunk that starts at `data[0]`. A result below `data.len()`, or
+    /// equal to `max_size`, is a cut whatever follows; a result of `data.len()` below
+    /// `max_size` only means that the data ended first.
+    pub(crate) fn cut(&self, data: &[u8]) -> usize {
+        v2020::cut_gear(
+            data,
+            self.params.min_size as usize,
+            self.params.avg_size as usize,
+            self.params.max_size as usize,
+            self.mask_s,
+            self.mask_l,
+            self.mask_s << 1,
+            self.mask_l << 1,
+            &self.gear,
+            &self.gear_ls,
+        )
+        .1
+    }
+}
+
 /// Cuts a byte stream into content-defined chunks, reading it once, in large blocks.
 ///
 /// [`Chunker::next_chunk`] lends each chunk from an internal buffer, so chunking
 /// itself allocates nothing per chunk.
 pub struct Chunker<R> {
     reader: R,
-    params: ChunkerParams,
-    mask_s: u64,
-    mask_l: u64,
-    gear: Cow<'static, [u64]>,
-    gear_ls: Cow<'static, [u64]>,
+    cutter: Cutter,
     buffer: Box<[u8]>,
     start: usize,
     end: usize,
@@ -103,21 +156,13 @@ impl<R: Read> Chunker<R> {
     /// # Panics
     /// If `params` fail [`ChunkerParams::validate`].
     pub fn with_params(reader: R, params: ChunkerParams, seed: u64) -> Self {
-        if let Err(problem) = params.validate() {
-            panic!("{problem}");
-        }
-        let (mask_s, mask_l) = v2020::select_masks(params.avg_size as usize, params.level());
-        let (gear, gear_ls) = v2020::get_gear_with_seed(seed);
+        let cutter = Cutter::new(params, seed);
         // Several maximum-sized chunks per refill keep the cost of moving the tail
         // of the buffer to its front small against the bytes chunked.
         let capacity = (8 * params.max_size as usize).max(1 << 20);
         Self {
             reader,
-            params,
-            mask_s,
-            mask_l,
-            gear,
-            gear_ls,
+            cutter,
             buffer: vec![0; capacity].into_boxed_slice(),
             start: 0,
             end: 0,
@@ -131,25 +176,14 @@ impl<R: Read> Chunker<R> {
     /// # Errors
     /// The reader's error; `Interrupted` reads are retried.
     pub fn next_chunk(&mut self) -> io::Result<Option<(ChunkSpan, &[u8])>> {
-        if self.end - self.start < self.params.max_size as usize && !self.eof {
+        if self.end - self.start < self.cutter.params().max_size as usize && !self.eof {
             self.refill()?;
         }
         let available = &self.buffer[self.start..self.end];
         if available.is_empty() {
             return Ok(None);
         }
-        let (_hash, len) = v2020::cut_gear(
-            available,
-            self.params.min_size as usize,
-            self.params.avg_size as usize,
-            self.params.max_size as usize,
-            self.mask_s,
-            self.mask_l,
-            self.mask_s << 1,
-            self.mask_l << 1,
-            &self.gear,
-            &self.gear_ls,
-        );
+        let len = self.cutter.cut(available);
         let span = ChunkSpan {
             offset: self.offset,
             len: u32::try_from(len).expect("a chunk is at most max_size, a u32"),

@@ -35,6 +35,7 @@ mod chunker;
 mod error;
 mod object;
 mod pipeline;
+mod segments;
 
 pub use chunker::{ChunkSpan, Chunker, ChunkerParams};
 pub use error::Error;

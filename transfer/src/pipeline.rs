@@ -2,36 +2,43 @@
 //! as many threads as asked, handing the sealed chunks to a sink in stream order.
 //!
 //! ```text
-//!            lock: source                      lock: output
-//!          ┌──────────────┐                 ┌──────────────────────┐
-//! reader ─▶│ chunker, seq │─▶ cut + copy ─▶ │ reorder ─▶ sink(...) │
-//!          └──────────────┘   id, zstd,     └──────────────────────┘
-//!                             seal (no lock)
-//!             every one of the `threads` threads (the caller's included) runs
-//!             this loop: take a permit, cut, seal, deliver what is in order
+//!   lock: source        no lock              lock: seam            no lock          lock: output
+//! ┌──────────────┐  ┌────────────────┐  ┌──────────────────┐  ┌──────────────┐  ┌───────────────────┐
+//! │ read segment │─▶│ cut it, guess- │─▶│ in segment order: │─▶│ id, zstd and │─▶│ reorder, sink,    │
+//! │ k (2 MiB)    │  │ ing a chunk    │  │ walk the true     │  │ seal each    │  │ give the permit   │
+//! └──────────────┘  │ starts at its  │  │ cuts across the   │  │ chunk        │  │ back when segment │
+//!                   │ first byte     │  │ seam until they   │  └──────────────┘  │ k is delivered    │
+//!                   └────────────────┘  │ meet the guess    │                    └───────────────────┘
+//!                                       └──────────────────┘
+//!     every one of the `threads` threads (the caller's included) runs this loop
 //! ```
 //!
-//! There is no dedicated chunker, collector or dispatcher thread: each of exactly
-//! `threads` threads cuts its own next chunk under the source lock (cutting is
-//! sequential), seals it with no lock held, and then, under the output lock, files
-//! it and hands every chunk that is now in order to the sink. A thread that waits
-//! sleeps on a condition variable, so no core spins. (Measured on two cores against
-//! a chunker thread feeding workers through channels: see `docs/ARCHITECTURE.md`.)
+//! Cutting is where a parallel pipeline usually serialises: FastCDC's cut points
+//! depend on where the previous chunk ended. Here each thread cuts its own segment
+//! speculatively and only the short walk across each seam is sequential (see
+//! [`crate::segments`]); the cut points are exactly those of the sequential
+//! [`Chunker`]. Chunks are sealed straight from the segment buffer a thread owns, so
+//! nothing is copied between reading and compressing. Measured on two cores against
+//! earlier designs (a chunker thread feeding workers; all threads cutting under one
+//! lock): see `docs/ARCHITECTURE.md`.
 //!
-//! Memory is bounded: a thread needs a permit to cut, and a permit comes back only
-//! when its chunk has gone to the sink, so at most `4 × threads` chunks are cut and
-//! not yet delivered, however fast or slow the threads and the sink are.
+//! Memory is bounded: a thread needs a permit to read a segment, and the permit
+//! comes back only when the segment's last chunk has gone to the sink, so at most
+//! `threads + 1` segments are read and not yet delivered, however fast or slow the
+//! threads and the sink are.
 
 use std::collections::BTreeMap;
 use std::io::Read;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::thread;
 
 use homing_crypto::{KeyRing, ObjectKind};
 
-use crate::chunker::{ChunkSpan, Chunker};
+use crate::chunker::{ChunkSpan, Chunker, ChunkerParams, Cutter};
 use crate::error::Error;
 use crate::object::{DEFAULT_ZSTD_LEVEL, SealedObject, Sealer};
+use crate::segments::{Resolved, resolve, speculative_cuts};
 
 /// How to run the pipeline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,6 +123,10 @@ fn next<R: Read>(chunker: &mut Chunker<R>) -> Result<Option<(ChunkSpan, &[u8])>,
         .map_err(|source| Error::Read { offset, source })
 }
 
+/// Length of the segments the parallel pipeline reads: large against the chunks, so
+/// that the sequential walk across each seam is a small part of the work.
+const SEGMENT_LEN: usize = 2 << 20;
+
 fn run_parallel<R, E, F>(
     reader: R,
     keys: &KeyRing,
@@ -127,24 +138,55 @@ where
     E: From<Error> + Send,
     F: FnMut(SealedChunk) -> Result<(), E> + Send,
 {
+    let cutter = Cutter::new(ChunkerParams::V1, keys.chunker_seed());
+    run_segments(reader, keys, options, cutter, SEGMENT_LEN, deliver)
+}
+
+fn run_segments<R, E, F>(
+    reader: R,
+    keys: &KeyRing,
+    options: PipelineOptions,
+    cutter: Cutter,
+    segment_len: usize,
+    deliver: &mut F,
+) -> Result<(), E>
+where
+    R: Read + Send,
+    E: From<Error> + Send,
+    F: FnMut(SealedChunk) -> Result<(), E> + Send,
+{
+    assert!(
+        segment_len >= 2 * cutter.params().max_size as usize,
+        "segments must hold at least two chunks of the maximum size"
+    );
     // Build the sealers first, so that a bad zstd level fails before any thread runs.
     let mut sealers = (0..options.threads)
         .map(|_| Sealer::new(keys, options.zstd_level))
         .collect::<Result<Vec<_>, _>>()?;
     let shared = Shared {
+        cutter,
+        segment_len,
         source: Mutex::new(Source {
-            chunker: Chunker::new(reader, keys.chunker_seed()),
-            sequence: 0,
+            reader,
+            next_segment: 0,
+            offset: 0,
             done: false,
         }),
+        seam: Mutex::new(Seam {
+            next_segment: 0,
+            carry: Vec::new(),
+            next_sequence: 0,
+        }),
+        seam_turn: Condvar::new(),
         output: Mutex::new(Output {
             sink: deliver,
             pending: BTreeMap::new(),
             expected: 0,
-            permits: 4 * options.threads,
+            permits: options.threads + 1,
             failure: None,
         }),
         room: Condvar::new(),
+        stop: AtomicBool::new(false),
     };
     let own = sealers.pop().expect("threads > 1, so there are sealers");
     let panicked = thread::scope(|scope| {
@@ -156,16 +198,84 @@ where
         shared.work(own);
         helpers.into_iter().any(|h| h.join().is_err())
     });
+    // A thread that panicked left a gap: never end the stream short silently.
     let output = shared
         .output
         .into_inner()
         .map_err(|_| Error::WorkerPanicked)?;
     match output.failure {
         Some(error) => Err(error),
-        // A thread that panicked left a gap: never end the stream short silently.
         None if panicked || !output.pending.is_empty() => Err(Error::WorkerPanicked.into()),
         None => Ok(()),
     }
+}
+
+/// What the pipeline's threads share.
+struct Shared<R, F, E> {
+    cutter: Cutter,
+    segment_len: usize,
+    source: Mutex<Source<R>>,
+    seam: Mutex<Seam>,
+    /// Signalled when a segment has been resolved, or the run fails.
+    seam_turn: Condvar,
+    output: Mutex<Output<F, E>>,
+    /// Signalled when permits come back, or the run fails.
+    room: Condvar,
+    /// Set once the run has failed: every thread stops at its next step.
+    stop: AtomicBool,
+}
+
+/// The reading end: segments are numbered in the order they are read.
+struct Source<R> {
+    reader: R,
+    next_segment: u64,
+    offset: u64,
+    done: bool,
+}
+
+/// The sequential part: the carry across the seam, and chunk numbering.
+struct Seam {
+    next_segment: u64,
+    /// The bytes since the last true cut, from the end of the previous segment.
+    carry: Vec<u8>,
+    next_sequence: u64,
+}
+
+/// The delivering end: chunks sealed out of order wait here for their turn.
+struct Output<F, E> {
+    sink: F,
+    pending: BTreeMap<u64, Delivery>,
+    expected: u64,
+    /// Segments that may still be read before earlier ones are delivered.
+    permits: usize,
+    failure: Option<E>,
+}
+
+/// A sealed chunk (or the error in its place) and whether its segment ends with it.
+struct Delivery {
+    sealed: Result<SealedChunk, Error>,
+    ends_segment: bool,
+}
+
+/// A segment, read and cut: where it starts in the stream and whether it is the last.
+struct ReadSegment {
+    index: u64,
+    offset: u64,
+    last: bool,
+}
+
+/// A segment's turn at the seam: the number of its first chunk, and its chunks (or
+/// the read error in their place).
+struct Turn {
+    sequence: u64,
+    outcome: Result<Resolution, Error>,
+}
+
+/// A segment's true chunks, and the length of the carry its first chunk began with.
+struct Resolution {
+    read: ReadSegment,
+    resolved: Resolved,
+    carried: u64,
 }
 
 /// Wakes the other threads with a failure if the thread holding it unwinds.
@@ -174,39 +284,29 @@ struct PanicAlarm<'a, R, F, E: From<Error>>(&'a Shared<R, F, E>);
 impl<R, F, E: From<Error>> Drop for PanicAlarm<'_, R, F, E> {
     fn drop(&mut self) {
         if thread::panicking() {
-            // The output lock is poisoned if the panic struck while it was held;
-            // its state is still good enough to record a failure in.
+            // A lock is poisoned if the panic struck while it was held; its state is
+            // still good enough to record a failure in.
             let mut output = self.0.output.lock().unwrap_or_else(|p| p.into_inner());
             output
                 .failure
                 .get_or_insert_with(|| Error::WorkerPanicked.into());
-            self.0.room.notify_all();
+            drop(output);
+            self.0.halt();
         }
     }
 }
 
-/// What the pipeline's threads share.
-struct Shared<R, F, E> {
-    source: Mutex<Source<R>>,
-    output: Mutex<Output<F, E>>,
-    /// Signalled when permits come back or the run fails.
-    room: Condvar,
-}
-
-/// The shared end of the stream: the chunker and the number of the next chunk.
-struct Source<R> {
-    chunker: Chunker<R>,
-    sequence: u64,
-    done: bool,
-}
-
-/// The shared end of the sink: chunks sealed out of order wait here for their turn.
-struct Output<F, E> {
-    sink: F,
-    pending: BTreeMap<u64, Result<SealedChunk, Error>>,
-    expected: u64,
-    permits: usize,
-    failure: Option<E>,
+impl<R, F, E> Shared<R, F, E> {
+    /// Tells every thread to stop, waking those that sleep.
+    fn halt(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Take each lock before notifying, so that no thread can test `stop` and
+        // then miss the wake-up.
+        drop(self.output.lock());
+        self.room.notify_all();
+        drop(self.seam.lock());
+        self.seam_turn.notify_all();
+    }
 }
 
 impl<R, F, E> Shared<R, F, E>
@@ -215,83 +315,215 @@ where
     E: From<Error>,
     F: FnMut(SealedChunk) -> Result<(), E>,
 {
-    /// One thread's loop: take a permit, cut, seal, deliver. Returns when the stream
-    /// has ended, or the run has failed (or a thread panicked: the locks are poisoned).
+    /// One thread's loop: permit, read, cut, resolve, seal, deliver. Returns when the
+    /// stream has ended, or the run has failed.
     fn work(&self, mut sealer: Sealer<'_>) {
-        // If this thread panics (a bug, or a panicking sink), the others may be
-        // asleep waiting for its chunk: mark the run failed and wake them.
         let _alarm = PanicAlarm(self);
-        let mut buffer = Vec::new();
-        loop {
-            {
-                let Ok(mut output) = self.output.lock() else {
-                    return;
-                };
-                while output.permits == 0 && output.failure.is_none() {
-                    let Ok(next) = self.room.wait(output) else {
-                        return;
-                    };
-                    output = next;
-                }
-                if output.failure.is_some() {
-                    return;
-                }
-                output.permits -= 1;
-            }
-            let Some((sequence, cut)) = self.cut_next(&mut buffer) else {
+        let mut segment = Vec::new();
+        let mut cuts = Vec::new();
+        while self.take_permit() {
+            let Some(read) = self.read_segment(&mut segment) else {
+                self.give_permits(1);
                 return;
             };
-            let sealed = cut.and_then(|span| {
-                let object = sealer.seal(ObjectKind::Chunk, &buffer)?;
-                Ok(SealedChunk { span, object })
+            if let Ok(read) = &read {
+                speculative_cuts(&self.cutter, &segment, read.last, &mut cuts);
+            }
+            let Some(turn) = self.resolve_in_turn(read, &segment, &cuts) else {
+                return;
+            };
+            let Resolution {
+                read,
+                resolved,
+                carried,
+            } = match turn.outcome {
+                Ok(resolution) => resolution,
+                Err(error) => {
+                    self.deliver(turn.sequence, Err(error), true);
+                    return;
+                }
+            };
+            let count = resolved.carried.len() + resolved.ranges.len();
+            if count == 0 {
+                self.give_permits(1);
+                continue;
+            }
+            let mut carried_offset = read.offset - carried;
+            let seam = resolved.carried.iter().map(|bytes| {
+                let offset = carried_offset;
+                carried_offset += bytes.len() as u64;
+                (offset, bytes.as_slice())
             });
-            let Ok(mut output) = self.output.lock() else {
-                return;
-            };
-            output.pending.insert(sequence, sealed);
-            let mut freed = 0;
-            while output.failure.is_none() {
-                let expected = output.expected;
-                let Some(sealed) = output.pending.remove(&expected) else {
-                    break;
-                };
-                output.expected += 1;
-                freed += 1;
-                if let Err(error) = sealed.map_err(E::from).and_then(|c| (output.sink)(c)) {
-                    output.failure = Some(error);
+            let inside = resolved
+                .ranges
+                .iter()
+                .map(|r| (read.offset + r.start as u64, &segment[r.clone()]));
+            let chunks = (turn.sequence..).zip(seam.chain(inside)).enumerate();
+            for (n, (sequence, (offset, data))) in chunks {
+                if self.stop.load(Ordering::SeqCst) {
+                    return;
                 }
-            }
-            output.permits += freed;
-            if freed > 0 || output.failure.is_some() {
-                self.room.notify_all();
+                let span = ChunkSpan {
+                    offset,
+                    len: u32::try_from(data.len()).expect("a chunk is at most max_size, a u32"),
+                };
+                let sealed = sealer
+                    .seal(ObjectKind::Chunk, data)
+                    .map(|object| SealedChunk { span, object });
+                self.deliver(sequence, sealed, n + 1 == count);
             }
         }
     }
 
-    /// Cuts the next chunk into `buffer` under the source lock. `None` once the
-    /// stream has ended or failed; a read error comes back once, with its sequence
-    /// number, so that it is reported in stream order.
-    fn cut_next(&self, buffer: &mut Vec<u8>) -> Option<(u64, Result<ChunkSpan, Error>)> {
+    /// Waits for a permit to read a segment; `false` if the run has failed.
+    fn take_permit(&self) -> bool {
+        let Ok(mut output) = self.output.lock() else {
+            return false;
+        };
+        while output.permits == 0 && !self.stop.load(Ordering::SeqCst) {
+            let Ok(next) = self.room.wait(output) else {
+                return false;
+            };
+            output = next;
+        }
+        if self.stop.load(Ordering::SeqCst) {
+            return false;
+        }
+        output.permits -= 1;
+        true
+    }
+
+    fn give_permits(&self, count: usize) {
+        if let Ok(mut output) = self.output.lock() {
+            output.permits += count;
+            self.room.notify_all();
+        }
+    }
+
+    /// Reads the next segment into `buffer`. `None` once the stream has ended or
+    /// failed; a read error comes back once, in place of its segment.
+    fn read_segment(&self, buffer: &mut Vec<u8>) -> Option<Result<ReadSegment, (u64, Error)>> {
         let mut source = self.source.lock().ok()?;
         if source.done {
             return None;
         }
-        let sequence = source.sequence;
-        source.sequence += 1;
-        match next(&mut source.chunker) {
-            Ok(Some((span, data))) => {
-                buffer.clear();
-                buffer.extend_from_slice(data);
-                Some((sequence, Ok(span)))
+        let index = source.next_segment;
+        source.next_segment += 1;
+        buffer.resize(self.segment_len, 0);
+        let mut filled = 0;
+        while filled < buffer.len() {
+            match source.reader.read(&mut buffer[filled..]) {
+                Ok(0) => break,
+                Ok(read) => filled += read,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(source_error) => {
+                    source.done = true;
+                    let offset = source.offset + filled as u64;
+                    return Some(Err((
+                        index,
+                        Error::Read {
+                            offset,
+                            source: source_error,
+                        },
+                    )));
+                }
             }
-            Ok(None) => {
-                source.done = true;
-                None
+        }
+        buffer.truncate(filled);
+        let offset = source.offset;
+        source.offset += filled as u64;
+        // A short read means the end; a full segment is followed by at least one
+        // more read, which finds the end if nothing else.
+        let last = filled < self.segment_len;
+        source.done = last;
+        Some(Ok(ReadSegment {
+            index,
+            offset,
+            last,
+        }))
+    }
+
+    /// Waits for this segment's turn at the seam and resolves its true cuts; `None`
+    /// if the run has failed.
+    fn resolve_in_turn(
+        &self,
+        read: Result<ReadSegment, (u64, Error)>,
+        segment: &[u8],
+        cuts: &[usize],
+    ) -> Option<Turn> {
+        let index = match &read {
+            Ok(read) => read.index,
+            Err((index, _)) => *index,
+        };
+        let mut seam = self.seam.lock().ok()?;
+        while seam.next_segment != index && !self.stop.load(Ordering::SeqCst) {
+            seam = self.seam_turn.wait(seam).ok()?;
+        }
+        if self.stop.load(Ordering::SeqCst) {
+            return None;
+        }
+        let sequence = seam.next_sequence;
+        let outcome = match read {
+            Err((_, error)) => {
+                seam.next_sequence += 1;
+                Err(error)
             }
-            Err(error) => {
-                source.done = true;
-                Some((sequence, Err(error)))
+            Ok(read) => {
+                let resolved = resolve(&self.cutter, &seam.carry, segment, cuts, read.last);
+                let carried = seam.carry.len() as u64;
+                seam.next_sequence += (resolved.carried.len() + resolved.ranges.len()) as u64;
+                seam.carry.clear();
+                seam.carry
+                    .extend_from_slice(&segment[resolved.carry_from..]);
+                Ok(Resolution {
+                    read,
+                    resolved,
+                    carried,
+                })
             }
+        };
+        seam.next_segment += 1;
+        drop(seam);
+        self.seam_turn.notify_all();
+        Some(Turn { sequence, outcome })
+    }
+
+    /// Files a sealed chunk and hands every chunk now in order to the sink.
+    fn deliver(&self, sequence: u64, sealed: Result<SealedChunk, Error>, ends_segment: bool) {
+        let Ok(mut output) = self.output.lock() else {
+            return;
+        };
+        output.pending.insert(
+            sequence,
+            Delivery {
+                sealed,
+                ends_segment,
+            },
+        );
+        let mut freed = 0;
+        let mut failed = false;
+        while output.failure.is_none() {
+            let expected = output.expected;
+            let Some(delivery) = output.pending.remove(&expected) else {
+                break;
+            };
+            output.expected += 1;
+            freed += usize::from(delivery.ends_segment);
+            if let Err(error) = delivery
+                .sealed
+                .map_err(E::from)
+                .and_then(|c| (output.sink)(c))
+            {
+                output.failure = Some(error);
+                failed = true;
+            }
+        }
+        output.permits += freed;
+        drop(output);
+        if failed {
+            self.halt();
+        } else if freed > 0 {
+            self.room.notify_all();
         }
     }
 }
@@ -369,6 +601,56 @@ mod tests {
             );
         }
         assert_eq!(restored, input);
+    }
+
+    #[test]
+    fn many_small_segments_give_the_sequential_cut_points() {
+        let small = ChunkerParams {
+            min_size: 256,
+            avg_size: 1024,
+            max_size: 4096,
+            normalization: 2,
+        };
+        // Random bytes, long runs of zeros (where speculative and true chains may
+        // never meet) and text, over a few hundred seams.
+        let mut input = data(400_000);
+        input.extend(std::iter::repeat_n(0_u8, 100_003));
+        input.extend(data(200_001));
+        input.extend("text ".repeat(20_000).bytes());
+        let keys = keys();
+        let mut expected = Vec::new();
+        let mut chunker = Chunker::with_params(&input[..], small, keys.chunker_seed());
+        while let Some((span, _)) = chunker.next_chunk().unwrap() {
+            expected.push(span);
+        }
+        for (threads, segment_len) in [(2, 8192), (3, 8193), (4, 50_000)] {
+            let mut spans = Vec::new();
+            let options = PipelineOptions {
+                threads,
+                zstd_level: 1,
+            };
+            let cutter = Cutter::new(small, keys.chunker_seed());
+            run_segments::<_, Error, _>(
+                &input[..],
+                &keys,
+                options,
+                cutter,
+                segment_len,
+                &mut |c: SealedChunk| {
+                    assert_eq!(
+                        c.object.id,
+                        keys.object_id(&input[c.span.offset as usize..][..c.span.len as usize])
+                    );
+                    spans.push(c.span);
+                    Ok(())
+                },
+            )
+            .unwrap();
+            assert_eq!(
+                spans, expected,
+                "{threads} threads, segments of {segment_len}"
+            );
+        }
     }
 
     #[test]

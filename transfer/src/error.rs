@@ -46,6 +46,9 @@ pub enum Error {
         /// The object.
         id: ObjectId,
     },
+    /// The peer broke the wire protocol.
+    #[error(transparent)]
+    Protocol(#[from] crate::proto::ProtocolError),
     /// A worker thread of the sealing pipeline panicked.
     #[error("a sealing worker thread stopped unexpectedly")]
     WorkerPanicked,

@@ -1,5 +1,6 @@
-//! Homing's transfer layer: chunking, the sealed object format and the sealing
-//! pipeline. (The wire protocol codec and the metered stream join it later.)
+//! Homing's transfer layer: chunking, the sealed object format, the sealing
+//! pipeline, and the wire protocol codec ([`proto`]). (The upload session, the TLS
+//! driver and the metered stream join it later.)
 //!
 //! - [`Chunker`] cuts a stream with FastCDC (2020) under a key-seeded gear table
 //!   and the pinned [`ChunkerParams::V1`];
@@ -35,6 +36,7 @@ mod chunker;
 mod error;
 mod object;
 mod pipeline;
+pub mod proto;
 mod segments;
 
 pub use chunker::{ChunkSpan, Chunker, ChunkerParams};

@@ -5,7 +5,8 @@ use super::ProtocolError;
 use super::wire::{get_varint, put_varint, varint_len};
 
 /// The most payload bytes one frame may carry. A peer that announces more is cut
-/// off before a single byte of the payload is buffered.
+/// off as soon as the length is read: the decoder never waits for, or allocates
+/// by, a length it was told.
 pub const MAX_FRAME_PAYLOAD: usize = 512 * 1024;
 
 /// Bytes reserved for the length while a payload is written: enough for any

@@ -17,9 +17,16 @@ pub const PROTOCOL_VERSION: u16 = 1;
 /// a thin link sends smaller pieces: a cut link loses at most the piece in flight.
 pub const MAX_PIECE: usize = 256 * 1024;
 
-/// The most ids one `Query` or `CommitIds` frame carries (16 384 × 32 bytes = 512 KiB
-/// less room for the header).
+/// The most ids one `Query`, `CommitIds` or `MissingReferences` carries (16 000 ×
+/// 32 bytes = 500 KiB, which leaves room in a frame for the rest).
 pub const MAX_IDS_PER_FRAME: usize = 16_000;
+
+/// The largest sealed snapshot manifest a `Commit` carries.
+pub const MAX_MANIFEST: usize = 256 * 1024;
+
+/// The most entries one `Snapshots` reply carries (at most 52 bytes each); a longer
+/// list comes in pages (`List { from }`, `more`).
+pub const MAX_SNAPSHOTS_PER_FRAME: usize = 8_000;
 
 /// Message type bytes. Client messages have the high bit clear, server messages set.
 mod kind {
@@ -36,6 +43,7 @@ mod kind {
     pub(super) const WELCOME: u8 = 0x81;
     pub(super) const PRESENT: u8 = 0x82;
     pub(super) const STORED: u8 = 0x83;
+    pub(super) const REFUSED: u8 = 0x84;
     pub(super) const COMMITTED: u8 = 0x85;
     pub(super) const SNAPSHOTS: u8 = 0x86;
     pub(super) const OBJECT: u8 = 0x87;
@@ -43,9 +51,14 @@ mod kind {
     pub(super) const ERROR: u8 = 0xff;
 }
 
-/// What a client sends. Every request but `Put` (until an object's last piece),
-/// `CommitIds` and `Bye` gets exactly one reply, in the order of the requests, so
-/// requests can be pipelined without ids.
+/// What a client sends.
+///
+/// Requests (`Hello`, `Query`, `Commit`, `List`, `Get`, `Usage`) get exactly one
+/// reply each, in the order of the requests, so they can be pipelined without ids;
+/// an `Error` replaces the reply of a request that failed. Uploads are answered per
+/// object, by id, outside that order: `Stored` when the piece that completes an
+/// object has made it durable, `Refused` when any piece of it fails. `CommitIds`
+/// and `Bye` get no reply.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClientMessage<'a> {
     /// First frame of a connection: the versions the client speaks. Reply: `Welcome`.
@@ -60,7 +73,8 @@ pub enum ClientMessage<'a> {
         /// At most [`MAX_IDS_PER_FRAME`] ids.
         ids: Vec<ObjectId>,
     },
-    /// A piece of an object. The reply to the piece that completes it is `Stored`.
+    /// A piece of an object. Answered by `Stored` once the object is complete, or
+    /// by `Refused` if the piece fails.
     Put {
         /// The object.
         id: ObjectId,
@@ -83,11 +97,15 @@ pub enum ClientMessage<'a> {
         manifest_id: ObjectId,
         /// The head the client saw, which this snapshot follows (none for the first).
         parent: Option<ObjectId>,
-        /// The sealed manifest.
+        /// The sealed manifest, at most [`MAX_MANIFEST`] bytes.
         manifest: &'a [u8],
     },
-    /// List the snapshots and the head. Reply: `Snapshots`.
-    List,
+    /// List the snapshots with a sequence number of at least `from`, and the head.
+    /// Reply: `Snapshots`.
+    List {
+        /// The first sequence number wanted (0 or 1 for all).
+        from: u64,
+    },
     /// Read part of an object. Reply: `Object`.
     Get {
         /// The object.
@@ -111,6 +129,7 @@ pub enum ObjectState {
     /// Not stored at all.
     Missing,
     /// The first bytes are stored (a cut upload): resume at this offset.
+    /// `Partial(0)` travels as `Missing`, its meaning.
     Partial(u32),
 }
 
@@ -128,7 +147,9 @@ pub struct SnapshotEntry {
 /// What a server sends.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ServerMessage<'a> {
-    /// Reply to `Hello`: the version chosen and the largest frame the server accepts.
+    /// Reply to `Hello`: the version chosen and the largest frame payload the server
+    /// accepts from the client (the client never sends more; it accepts up to
+    /// [`MAX_FRAME_PAYLOAD`](super::MAX_FRAME_PAYLOAD) itself).
     Welcome {
         /// The version both speak.
         version: u16,
@@ -140,10 +161,18 @@ pub enum ServerMessage<'a> {
         /// The states.
         states: Vec<ObjectState>,
     },
-    /// An object is stored whole and durably.
+    /// An object is stored whole and durably (answers its uploading pieces).
     Stored {
         /// The object.
         id: ObjectId,
+    },
+    /// A piece of an upload failed; the store holds what it held before the piece
+    /// (answers its uploading pieces; `OffsetMismatch` says where to resume).
+    Refused {
+        /// The object.
+        id: ObjectId,
+        /// Why.
+        error: WireError,
     },
     /// Reply to `Commit`: the new head.
     Committed {
@@ -156,8 +185,11 @@ pub enum ServerMessage<'a> {
     Snapshots {
         /// The current head, if any snapshot exists.
         head: Option<ObjectId>,
-        /// Every kept snapshot, oldest first.
+        /// Kept snapshots from the sequence asked for, oldest first, at most
+        /// [`MAX_SNAPSHOTS_PER_FRAME`].
         entries: Vec<SnapshotEntry>,
+        /// Whether more follow: ask again from the last sequence + 1.
+        more: bool,
     },
     /// Reply to `Get`.
     Object {
@@ -278,7 +310,7 @@ impl<'a> ClientMessage<'a> {
             Self::Put { .. } => kind::PUT,
             Self::CommitIds { .. } => kind::COMMIT_IDS,
             Self::Commit { .. } => kind::COMMIT,
-            Self::List => kind::LIST,
+            Self::List { .. } => kind::LIST,
             Self::Get { .. } => kind::GET,
             Self::Usage => kind::USAGE,
             Self::Bye => kind::BYE,
@@ -310,11 +342,16 @@ impl<'a> ClientMessage<'a> {
                 parent,
                 manifest,
             } => {
+                assert!(
+                    manifest.len() <= MAX_MANIFEST,
+                    "a manifest exceeds MAX_MANIFEST"
+                );
                 out.extend_from_slice(manifest_id.as_bytes());
                 put_optional_id(out, parent.as_ref());
                 out.extend_from_slice(manifest);
             }
-            Self::List | Self::Usage | Self::Bye => {}
+            Self::List { from } => put_varint(out, *from),
+            Self::Usage | Self::Bye => {}
             Self::Get { id, offset, len } => {
                 out.extend_from_slice(id.as_bytes());
                 put_varint(out, u64::from(*offset));
@@ -331,10 +368,16 @@ impl<'a> ClientMessage<'a> {
     pub fn decode(frame: Frame<'a>) -> Result<Self, ProtocolError> {
         let mut r = Reader::new(frame.payload);
         let message = match frame.kind {
-            kind::HELLO => Self::Hello {
-                min_version: r.u16()?,
-                max_version: r.u16()?,
-            },
+            kind::HELLO => {
+                let (min_version, max_version) = (r.u16()?, r.u16()?);
+                if min_version > max_version {
+                    return Err(ProtocolError::Malformed("Hello's version range is empty"));
+                }
+                Self::Hello {
+                    min_version,
+                    max_version,
+                }
+            }
             kind::QUERY => Self::Query {
                 ids: get_ids(&mut r)?,
             },
@@ -354,12 +397,20 @@ impl<'a> ClientMessage<'a> {
             kind::COMMIT_IDS => Self::CommitIds {
                 ids: get_ids(&mut r)?,
             },
-            kind::COMMIT => Self::Commit {
-                manifest_id: r.id()?,
-                parent: get_optional_id(&mut r)?,
-                manifest: r.rest(),
-            },
-            kind::LIST => Self::List,
+            kind::COMMIT => {
+                let manifest_id = r.id()?;
+                let parent = get_optional_id(&mut r)?;
+                let manifest = r.rest();
+                if manifest.len() > MAX_MANIFEST {
+                    return Err(ProtocolError::Malformed("a manifest exceeds MAX_MANIFEST"));
+                }
+                Self::Commit {
+                    manifest_id,
+                    parent,
+                    manifest,
+                }
+            }
+            kind::LIST => Self::List { from: r.varint()? },
             kind::GET => {
                 let id = r.id()?;
                 let offset = r.u32()?;
@@ -388,6 +439,7 @@ impl<'a> ServerMessage<'a> {
             Self::Welcome { .. } => kind::WELCOME,
             Self::Present { .. } => kind::PRESENT,
             Self::Stored { .. } => kind::STORED,
+            Self::Refused { .. } => kind::REFUSED,
             Self::Committed { .. } => kind::COMMITTED,
             Self::Snapshots { .. } => kind::SNAPSHOTS,
             Self::Object { .. } => kind::OBJECT,
@@ -402,12 +454,25 @@ impl<'a> ServerMessage<'a> {
             }
             Self::Present { states } => put_states(out, states),
             Self::Stored { id } => out.extend_from_slice(id.as_bytes()),
+            Self::Refused { id, error } => {
+                out.extend_from_slice(id.as_bytes());
+                put_error(out, error);
+            }
             Self::Committed { head, sequence } => {
                 out.extend_from_slice(head.as_bytes());
                 put_varint(out, *sequence);
             }
-            Self::Snapshots { head, entries } => {
+            Self::Snapshots {
+                head,
+                entries,
+                more,
+            } => {
+                assert!(
+                    entries.len() <= MAX_SNAPSHOTS_PER_FRAME,
+                    "too many snapshots for one frame"
+                );
                 put_optional_id(out, head.as_ref());
+                out.push(u8::from(*more));
                 put_varint(out, entries.len() as u64);
                 for entry in entries {
                     out.extend_from_slice(entry.id.as_bytes());
@@ -458,14 +523,28 @@ impl<'a> ServerMessage<'a> {
                 states: get_states(&mut r)?,
             },
             kind::STORED => Self::Stored { id: r.id()? },
+            kind::REFUSED => Self::Refused {
+                id: r.id()?,
+                error: get_error(&mut r)?,
+            },
             kind::COMMITTED => Self::Committed {
                 head: r.id()?,
                 sequence: r.varint()?,
             },
             kind::SNAPSHOTS => {
                 let head = get_optional_id(&mut r)?;
+                let more = match r.byte()? {
+                    0 => false,
+                    1 => true,
+                    _ => return Err(ProtocolError::Malformed("a flag is neither 0 nor 1")),
+                };
                 // An entry is at least an id and two one-byte varints.
                 let count = r.count(ObjectId::LEN + 2)?;
+                if count > MAX_SNAPSHOTS_PER_FRAME {
+                    return Err(ProtocolError::Malformed(
+                        "more snapshots than a frame may carry",
+                    ));
+                }
                 let mut entries = Vec::with_capacity(count);
                 for _ in 0..count {
                     entries.push(SnapshotEntry {
@@ -474,7 +553,11 @@ impl<'a> ServerMessage<'a> {
                         committed_at: r.varint()?,
                     });
                 }
-                Self::Snapshots { head, entries }
+                Self::Snapshots {
+                    head,
+                    entries,
+                    more,
+                }
             }
             kind::OBJECT => {
                 let id = r.id()?;
@@ -526,6 +609,9 @@ fn put_ids(out: &mut Vec<u8>, ids: &[ObjectId]) {
 
 fn get_ids(r: &mut Reader<'_>) -> Result<Vec<ObjectId>, ProtocolError> {
     let count = r.count(ObjectId::LEN)?;
+    if count > MAX_IDS_PER_FRAME {
+        return Err(ProtocolError::Malformed("more ids than a frame may carry"));
+    }
     (0..count).map(|_| r.id()).collect()
 }
 
@@ -568,7 +654,7 @@ fn put_states(out: &mut Vec<u8>, states: &[ObjectState]) {
         .iter()
         .enumerate()
         .filter_map(|(i, s)| match s {
-            ObjectState::Partial(offset) => Some((i, *offset)),
+            ObjectState::Partial(offset) if *offset > 0 => Some((i, *offset)),
             _ => None,
         })
         .collect();
@@ -606,6 +692,11 @@ fn get_states(r: &mut Reader<'_>) -> Result<Vec<ObjectState>, ProtocolError> {
         if previous.is_some_and(|p| index <= p) || index >= count as u64 {
             return Err(ProtocolError::Malformed(
                 "partial indexes out of order or range",
+            ));
+        }
+        if offset == 0 {
+            return Err(ProtocolError::Malformed(
+                "a partial upload of 0 bytes is sent as missing",
             ));
         }
         previous = Some(index);

@@ -8,8 +8,9 @@
 //! request ids and without waiting.
 //!
 //! Nothing a peer sends can make the decoder allocate by a length it claims: frame
-//! lengths are checked against [`MAX_FRAME_PAYLOAD`] before anything is buffered, and
-//! counts against the bytes actually present.
+//! lengths are checked against the decoder's limit (at most [`MAX_FRAME_PAYLOAD`])
+//! as soon as they are read, and counts against the bytes actually present and
+//! against the documented per-frame limits.
 
 mod frame;
 mod message;
@@ -17,8 +18,8 @@ mod wire;
 
 pub use frame::{Frame, FrameDecoder, MAX_FRAME_PAYLOAD, frame_len};
 pub use message::{
-    ClientMessage, MAX_IDS_PER_FRAME, MAX_PIECE, ObjectState, PROTOCOL_VERSION, ServerMessage,
-    SnapshotEntry, WireError,
+    ClientMessage, MAX_IDS_PER_FRAME, MAX_MANIFEST, MAX_PIECE, MAX_SNAPSHOTS_PER_FRAME,
+    ObjectState, PROTOCOL_VERSION, ServerMessage, SnapshotEntry, WireError,
 };
 
 /// A peer broke the protocol: the connection cannot continue.

@@ -34,7 +34,7 @@ enum Client {
     Put(ObjectId, u32, u32, Vec<u8>),
     CommitIds(Vec<ObjectId>),
     Commit(ObjectId, Option<ObjectId>, Vec<u8>),
-    List,
+    List(u64),
     Get(ObjectId, u32, u32),
     Usage,
     Bye,
@@ -60,7 +60,7 @@ impl Client {
                 parent: *parent,
                 manifest,
             },
-            Self::List => ClientMessage::List,
+            Self::List(from) => ClientMessage::List { from: *from },
             Self::Get(id, offset, len) => ClientMessage::Get {
                 id: *id,
                 offset: *offset,
@@ -74,7 +74,7 @@ impl Client {
 
 fn client() -> impl Strategy<Value = Client> {
     prop_oneof![
-        (any::<u16>(), any::<u16>()).prop_map(|(a, b)| Client::Hello(a, b)),
+        (any::<u16>(), any::<u16>()).prop_map(|(a, b)| Client::Hello(a.min(b), a.max(b))),
         ids().prop_map(Client::Query),
         (id(), piece()).prop_map(|(id, (t, o, d))| Client::Put(id, t, o, d)),
         ids().prop_map(Client::CommitIds),
@@ -84,7 +84,7 @@ fn client() -> impl Strategy<Value = Client> {
             proptest::collection::vec(any::<u8>(), 0..300)
         )
             .prop_map(|(i, p, m)| Client::Commit(i, p, m)),
-        Just(Client::List),
+        any::<u64>().prop_map(Client::List),
         (id(), any::<u32>(), 0..=MAX_PIECE as u32).prop_map(|(i, o, l)| Client::Get(i, o, l)),
         Just(Client::Usage),
         Just(Client::Bye),
@@ -96,8 +96,9 @@ enum Server {
     Welcome(u16, u32),
     Present(Vec<ObjectState>),
     Stored(ObjectId),
+    Refused(ObjectId, WireError),
     Committed(ObjectId, u64),
-    Snapshots(Option<ObjectId>, Vec<SnapshotEntry>),
+    Snapshots(Option<ObjectId>, Vec<SnapshotEntry>, bool),
     Object(ObjectId, u32, u32, Vec<u8>),
     Usage([u64; 5]),
     Error(WireError),
@@ -114,13 +115,18 @@ impl Server {
                 states: states.clone(),
             },
             Self::Stored(id) => ServerMessage::Stored { id: *id },
+            Self::Refused(id, error) => ServerMessage::Refused {
+                id: *id,
+                error: error.clone(),
+            },
             Self::Committed(head, sequence) => ServerMessage::Committed {
                 head: *head,
                 sequence: *sequence,
             },
-            Self::Snapshots(head, entries) => ServerMessage::Snapshots {
+            Self::Snapshots(head, entries, more) => ServerMessage::Snapshots {
                 head: *head,
                 entries: entries.clone(),
+                more: *more,
             },
             Self::Object(id, total, offset, data) => ServerMessage::Object {
                 id: *id,
@@ -146,7 +152,7 @@ fn state() -> impl Strategy<Value = ObjectState> {
     prop_oneof![
         Just(ObjectState::Stored),
         Just(ObjectState::Missing),
-        any::<u32>().prop_map(ObjectState::Partial),
+        (1..=u32::MAX).prop_map(ObjectState::Partial),
     ]
 }
 
@@ -175,12 +181,14 @@ fn server() -> impl Strategy<Value = Server> {
         (any::<u16>(), any::<u32>()).prop_map(|(v, m)| Server::Welcome(v, m)),
         proptest::collection::vec(state(), 0..100).prop_map(Server::Present),
         id().prop_map(Server::Stored),
+        (id(), wire_error()).prop_map(|(id, e)| Server::Refused(id, e)),
         (id(), any::<u64>()).prop_map(|(h, s)| Server::Committed(h, s)),
         (
             proptest::option::of(id()),
-            proptest::collection::vec(entry, 0..20)
+            proptest::collection::vec(entry, 0..20),
+            any::<bool>()
         )
-            .prop_map(|(h, e)| Server::Snapshots(h, e)),
+            .prop_map(|(h, e, m)| Server::Snapshots(h, e, m)),
         (id(), piece()).prop_map(|(id, (t, o, d))| Server::Object(id, t, o, d)),
         any::<[u64; 5]>().prop_map(Server::Usage),
         wire_error().prop_map(Server::Error),
@@ -277,6 +285,65 @@ fn a_query_costs_a_bit_per_answer() {
     ServerMessage::Present { states }.encode(&mut reply);
     // type, length (2 bytes), count (2 bytes), 1000 bits, no partial uploads
     assert_eq!(reply.len(), 1 + 2 + 2 + 125 + 1);
+}
+
+#[test]
+fn lists_longer_than_the_limits_are_refused() {
+    // 16 001 ids fit in a frame's bytes but exceed the per-frame limit.
+    let mut payload = Vec::new();
+    wire::put_varint(&mut payload, MAX_IDS_PER_FRAME as u64 + 1);
+    payload.extend(std::iter::repeat_n(0_u8, (MAX_IDS_PER_FRAME + 1) * 32));
+    let frame = Frame {
+        kind: 0x02,
+        payload: &payload,
+    };
+    assert!(matches!(
+        ClientMessage::decode(frame),
+        Err(ProtocolError::Malformed(_))
+    ));
+    let manifest = vec![0_u8; MAX_MANIFEST + 1];
+    let mut payload = vec![0_u8; 33];
+    payload.extend_from_slice(&manifest);
+    let frame = Frame {
+        kind: 0x05,
+        payload: &payload,
+    };
+    assert!(matches!(
+        ClientMessage::decode(frame),
+        Err(ProtocolError::Malformed(_))
+    ));
+}
+
+#[test]
+fn an_empty_version_range_and_empty_partials_are_refused() {
+    let frame = Frame {
+        kind: 0x01,
+        payload: &[2, 1],
+    };
+    assert!(matches!(
+        ClientMessage::decode(frame),
+        Err(ProtocolError::Malformed(_))
+    ));
+    // One state, not stored, one partial at index 0 with offset 0.
+    let frame = Frame {
+        kind: 0x82,
+        payload: &[1, 0, 1, 0, 0],
+    };
+    assert!(matches!(
+        ServerMessage::decode(frame),
+        Err(ProtocolError::Malformed(_))
+    ));
+    let mut bytes = Vec::new();
+    ServerMessage::Present {
+        states: vec![ObjectState::Partial(0)],
+    }
+    .encode(&mut bytes);
+    assert_eq!(
+        ServerMessage::decode(one_frame(&bytes)).unwrap(),
+        ServerMessage::Present {
+            states: vec![ObjectState::Missing]
+        }
+    );
 }
 
 #[test]

@@ -40,9 +40,7 @@ pub(crate) fn get_varint(bytes: &[u8]) -> Result<Option<(u64, usize)>, ProtocolE
             return Ok(Some((value, i + 1)));
         }
     }
-    if bytes.len() >= 10 {
-        return Err(ProtocolError::Malformed("varint longer than 10 bytes"));
-    }
+    // Ten bytes always end above (a tenth byte with its high bit set is > 1).
     Ok(None)
 }
 

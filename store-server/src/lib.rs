@@ -1,0 +1,22 @@
+//! Homing's store server: keeps every account's sealed objects and snapshots, which
+//! it can never read, with quotas, resumable uploads and integrity checks.
+//!
+//! # Layout
+//!
+//! - [`backend`]: where object bytes live: append-only segments behind the
+//!   [`Backend`](backend::Backend) trait (a local directory today), with a
+//!   fault-injecting wrapper and a conformance suite every backend passes;
+//! - [`objects`]: the per-account object store over a backend: uploads in pieces
+//!   that survive restarts, the redb index, quotas, reads that verify, `check`.
+//!
+//! Not built yet (the rest of the store-server issue): the TLS server and the
+//! protocol session, the CA and certificates, snapshots and retention, the CLI.
+//!
+//! This crate links `homing-crypto` without its `keys` feature: it names objects by
+//! [`ObjectId`](homing_crypto::ObjectId) and never holds a key.
+
+pub mod backend;
+mod error;
+pub mod objects;
+
+pub use error::StoreError;

@@ -1,0 +1,679 @@
+//! The object store: each account's sealed objects, appended to segments and
+//! indexed in redb, with resumable uploads and quotas.
+//!
+//! Order of writing, so that nothing acknowledged is ever lost:
+//!
+//! 1. pieces of an upload are appended to `partial/<account>/<id>.part` and synced,
+//!    so that a cut upload (or a killed server) resumes where it stopped;
+//! 2. the complete object is appended to the current segment and synced;
+//! 3. one index transaction records the object (segment, offset, length, BLAKE3 of
+//!    its bytes), charges the account and forgets the partial upload;
+//! 4. only then is the object reported stored.
+//!
+//! A crash between 2 and 3 leaves unreferenced bytes at a segment's end: dead space,
+//! never read, reported by [`ObjectStore::check`]. Objects of one account are
+//! invisible to every other: the account name is part of every index key, and the
+//! same id in two accounts is two objects.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use homing_crypto::ObjectId;
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+
+use crate::backend::Backend;
+use crate::error::{StoreError, index};
+
+/// The largest sealed object the store accepts: the largest plaintext Homing writes
+/// (16 MiB), its codec byte, and the seal overhead, with room to spare.
+pub const MAX_OBJECT_LEN: u32 = 16 * 1024 * 1024 + 1024;
+
+/// A new segment is started once the current one reaches this size.
+pub const SEGMENT_TARGET: u64 = 64 * 1024 * 1024;
+
+/// (account, id) → segment u64, offset u64, length u32, BLAKE3 of the bytes.
+const OBJECTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("objects");
+/// (account, id) → announced total length of an upload in progress.
+const PARTIALS: TableDefinition<&[u8], u32> = TableDefinition::new("partials");
+/// account → used u64, objects u64, soft quota u64, hard quota u64, disabled u8.
+const ACCOUNTS: TableDefinition<&str, &[u8]> = TableDefinition::new("accounts");
+/// (account, id) → the record of an object that failed a check, kept for the report.
+const QUARANTINE: TableDefinition<&[u8], &[u8]> = TableDefinition::new("quarantine");
+
+const RECORD_LEN: usize = 8 + 8 + 4 + 32;
+const ACCOUNT_LEN: usize = 8 + 8 + 8 + 8 + 1;
+/// Uploads of objects whose ids fall in different shards proceed in parallel.
+const SHARDS: usize = 16;
+
+/// Whether the store holds an object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Holding {
+    /// Stored whole.
+    Stored,
+    /// Not at all.
+    Missing,
+    /// An upload was cut after this many bytes.
+    Partial(u32),
+}
+
+/// What a piece of an upload achieved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutOutcome {
+    /// The store now holds this many bytes of the object.
+    Incomplete(u32),
+    /// The object is stored whole and durably.
+    Stored,
+}
+
+/// An account's quotas and usage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Account {
+    /// Bytes of objects stored.
+    pub used: u64,
+    /// Objects stored.
+    pub objects: u64,
+    /// Soft quota (a warning), 0 for none.
+    pub soft_limit: u64,
+    /// Hard quota (a refusal), 0 for none.
+    pub hard_limit: u64,
+    /// Whether the account is disabled.
+    pub disabled: bool,
+}
+
+/// What [`ObjectStore::check`] found.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct CheckReport {
+    /// Objects read and compared with their checksums.
+    pub objects: u64,
+    /// Their bytes.
+    pub bytes: u64,
+    /// Objects that are damaged or unreadable.
+    pub damaged: Vec<Damage>,
+    /// Bytes in segments that no object refers to (crash leftovers).
+    pub unreferenced_bytes: u64,
+    /// Whether damaged objects were moved to quarantine.
+    pub repaired: bool,
+}
+
+/// One damaged object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Damage {
+    /// Its account.
+    pub account: String,
+    /// The object.
+    pub id: ObjectId,
+    /// What is wrong.
+    pub problem: String,
+}
+
+/// Where an object is, and the checksum of its bytes.
+#[derive(Debug, Clone, Copy)]
+struct Record {
+    segment: u64,
+    offset: u64,
+    len: u32,
+    checksum: [u8; 32],
+}
+
+/// The segment being appended to.
+struct Writer {
+    segment: u64,
+    len: u64,
+}
+
+/// Per-account object storage over a [`Backend`].
+pub struct ObjectStore<B> {
+    dir: PathBuf,
+    backend: B,
+    db: Database,
+    writer: Mutex<Writer>,
+    shards: [Mutex<()>; SHARDS],
+}
+
+impl<B: Backend> ObjectStore<B> {
+    /// Opens (or creates) a store whose index and partial uploads live in `dir`
+    /// and whose segments live in `backend`.
+    ///
+    /// # Errors
+    /// If the index cannot be opened or the backend cannot be listed.
+    pub fn open(dir: &Path, backend: B) -> Result<Self, StoreError> {
+        fs::create_dir_all(dir.join("partial")).map_err(|source| StoreError::Io {
+            action: "create",
+            path: dir.join("partial"),
+            source,
+        })?;
+        let db = Database::create(dir.join("index.redb")).map_err(index)?;
+        let txn = db.begin_write().map_err(index)?;
+        for table in [OBJECTS, QUARANTINE] {
+            txn.open_table(table).map_err(index)?;
+        }
+        txn.open_table(PARTIALS).map_err(index)?;
+        txn.open_table(ACCOUNTS).map_err(index)?;
+        txn.commit().map_err(index)?;
+        // Append to the newest segment; a fresh store starts at segment 1.
+        let (segment, len) = backend.list()?.last().copied().unwrap_or((1, 0));
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            backend,
+            db,
+            writer: Mutex::new(Writer { segment, len }),
+            shards: std::array::from_fn(|_| Mutex::new(())),
+        })
+    }
+
+    /// The backend, for tools and tests.
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// Creates an account with quotas in bytes (0 for none).
+    ///
+    /// # Errors
+    /// An invalid or existing name, or an index failure.
+    pub fn add_account(
+        &self,
+        name: &str,
+        soft_limit: u64,
+        hard_limit: u64,
+    ) -> Result<(), StoreError> {
+        check_account_name(name)?;
+        let txn = self.db.begin_write().map_err(index)?;
+        {
+            let mut accounts = txn.open_table(ACCOUNTS).map_err(index)?;
+            if accounts.get(name).map_err(index)?.is_some() {
+                return Err(StoreError::AccountExists(name.to_string()));
+            }
+            let account = Account {
+                used: 0,
+                objects: 0,
+                soft_limit,
+                hard_limit,
+                disabled: false,
+            };
+            accounts
+                .insert(name, encode_account(&account).as_slice())
+                .map_err(index)?;
+        }
+        txn.commit().map_err(index)
+    }
+
+    /// An account's quotas and usage.
+    ///
+    /// # Errors
+    /// An unknown account, or an index failure.
+    pub fn account(&self, name: &str) -> Result<Account, StoreError> {
+        let txn = self.db.begin_read().map_err(index)?;
+        let accounts = txn.open_table(ACCOUNTS).map_err(index)?;
+        let value = accounts
+            .get(name)
+            .map_err(index)?
+            .ok_or_else(|| StoreError::UnknownAccount(name.to_string()))?;
+        Ok(decode_account(value.value()))
+    }
+
+    /// Whether `account` holds `id`, and how much of a cut upload.
+    ///
+    /// # Errors
+    /// An unknown account, or an index or file failure.
+    pub fn holding(&self, account: &str, id: &ObjectId) -> Result<Holding, StoreError> {
+        self.account(account)?;
+        let key = key(account, id);
+        let txn = self.db.begin_read().map_err(index)?;
+        if txn
+            .open_table(OBJECTS)
+            .map_err(index)?
+            .get(key.as_slice())
+            .map_err(index)?
+            .is_some()
+        {
+            return Ok(Holding::Stored);
+        }
+        if txn
+            .open_table(PARTIALS)
+            .map_err(index)?
+            .get(key.as_slice())
+            .map_err(index)?
+            .is_some()
+        {
+            return Ok(Holding::Partial(self.partial_len(account, id)?));
+        }
+        Ok(Holding::Missing)
+    }
+
+    /// Takes a piece of an upload: `data` goes at `offset` of the object `id` of
+    /// `total` bytes. The piece that completes the object stores it.
+    ///
+    /// # Errors
+    /// A piece at another offset than the bytes held ([`StoreError::OffsetMismatch`]),
+    /// a total that differs from the first piece's or exceeds the limit, a full
+    /// account, or a failure of the index, the files or the backend. After an error
+    /// the bytes held before the piece are still held.
+    pub fn put_piece(
+        &self,
+        account: &str,
+        id: &ObjectId,
+        total: u32,
+        offset: u32,
+        data: &[u8],
+    ) -> Result<PutOutcome, StoreError> {
+        let info = self.account(account)?;
+        if info.disabled {
+            return Err(StoreError::AccountDisabled(account.to_string()));
+        }
+        if total > MAX_OBJECT_LEN {
+            return Err(StoreError::TooLarge {
+                id: *id,
+                len: u64::from(total),
+                limit: u64::from(MAX_OBJECT_LEN),
+            });
+        }
+        let end = u64::from(offset) + data.len() as u64;
+        if end > u64::from(total) {
+            return Err(StoreError::LengthMismatch {
+                id: *id,
+                expected: u64::from(total),
+                got: end,
+            });
+        }
+        let _shard = self.shards[usize::from(id.as_bytes()[0]) % SHARDS]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let key = key(account, id);
+        let announced = {
+            let txn = self.db.begin_read().map_err(index)?;
+            if txn
+                .open_table(OBJECTS)
+                .map_err(index)?
+                .get(key.as_slice())
+                .map_err(index)?
+                .is_some()
+            {
+                return Ok(PutOutcome::Stored);
+            }
+            let partials = txn.open_table(PARTIALS).map_err(index)?;
+            partials
+                .get(key.as_slice())
+                .map_err(index)?
+                .map(|v| v.value())
+        };
+        let path = self.partial_path(account, id);
+        let held = match announced {
+            Some(announced) if announced != total => {
+                return Err(StoreError::LengthMismatch {
+                    id: *id,
+                    expected: u64::from(announced),
+                    got: u64::from(total),
+                });
+            }
+            Some(_) => self.partial_len(account, id)?,
+            None => {
+                if offset != 0 {
+                    return Err(StoreError::OffsetMismatch { id: *id, held: 0 });
+                }
+                // Refuse early what could never fit, before taking any bytes.
+                check_quota(account, &info, u64::from(total))?;
+                self.start_partial(account, &key, total, &path)?;
+                0
+            }
+        };
+        if offset != held {
+            return Err(StoreError::OffsetMismatch { id: *id, held });
+        }
+        if !data.is_empty() {
+            append_synced(&path, data)?;
+        }
+        let held = offset + data.len() as u32;
+        if held < total {
+            return Ok(PutOutcome::Incomplete(held));
+        }
+        self.complete(account, &key, &path)?;
+        Ok(PutOutcome::Stored)
+    }
+
+    /// Reads `len` bytes at `offset` of an object, after checking the whole object
+    /// against the checksum taken when it was stored. Returns the object's length too.
+    ///
+    /// # Errors
+    /// An unknown object, a range past its end, damage ([`StoreError::Corrupt`]), or a
+    /// failure of the index or the backend.
+    pub fn read(
+        &self,
+        account: &str,
+        id: &ObjectId,
+        offset: u32,
+        len: u32,
+    ) -> Result<(u32, Vec<u8>), StoreError> {
+        let record = self.record(account, id)?;
+        let bytes = self
+            .backend
+            .read(record.segment, record.offset, record.len)?;
+        if *blake3::hash(&bytes).as_bytes() != record.checksum {
+            return Err(StoreError::Corrupt {
+                account: account.to_string(),
+                id: *id,
+                segment: record.segment,
+                offset: record.offset,
+            });
+        }
+        let start = (offset as usize).min(bytes.len());
+        let end = start.saturating_add(len as usize).min(bytes.len());
+        Ok((record.len, bytes[start..end].to_vec()))
+    }
+
+    /// Reads every object back and compares it with its checksum; with `repair`,
+    /// moves damaged objects to quarantine (so that a commit needing them fails
+    /// loudly and the client uploads them again) and says what was lost.
+    ///
+    /// # Errors
+    /// A failure of the index or of listing the backend (unreadable objects are
+    /// reported as damage, not errors).
+    pub fn check(&self, repair: bool) -> Result<CheckReport, StoreError> {
+        let mut report = CheckReport::default();
+        let mut referenced: std::collections::BTreeMap<u64, u64> = Default::default();
+        {
+            let txn = self.db.begin_read().map_err(index)?;
+            let objects = txn.open_table(OBJECTS).map_err(index)?;
+            for entry in objects.iter().map_err(index)? {
+                let (key, value) = entry.map_err(index)?;
+                let (account, id) = split_key(key.value());
+                let record = decode_record(value.value());
+                *referenced.entry(record.segment).or_default() += u64::from(record.len);
+                report.objects += 1;
+                report.bytes += u64::from(record.len);
+                let problem = match self.backend.read(record.segment, record.offset, record.len) {
+                    Err(error) => Some(format!("unreadable: {error}")),
+                    Ok(bytes) if *blake3::hash(&bytes).as_bytes() != record.checksum => {
+                        Some(format!(
+                            "checksum mismatch in segment {:016x} at offset {}",
+                            record.segment, record.offset
+                        ))
+                    }
+                    Ok(_) => None,
+                };
+                if let Some(problem) = problem {
+                    report.damaged.push(Damage {
+                        account,
+                        id,
+                        problem,
+                    });
+                }
+            }
+        }
+        for (segment, len) in self.backend.list()? {
+            report.unreferenced_bytes +=
+                len.saturating_sub(referenced.get(&segment).copied().unwrap_or(0));
+        }
+        if repair && !report.damaged.is_empty() {
+            let txn = self.db.begin_write().map_err(index)?;
+            {
+                let mut objects = txn.open_table(OBJECTS).map_err(index)?;
+                let mut quarantine = txn.open_table(QUARANTINE).map_err(index)?;
+                let mut accounts = txn.open_table(ACCOUNTS).map_err(index)?;
+                for damage in &report.damaged {
+                    let key = key(&damage.account, &damage.id);
+                    let Some(value) = objects.remove(key.as_slice()).map_err(index)? else {
+                        continue;
+                    };
+                    let record = value.value().to_vec();
+                    drop(value);
+                    quarantine
+                        .insert(key.as_slice(), record.as_slice())
+                        .map_err(index)?;
+                    let current = accounts
+                        .get(damage.account.as_str())
+                        .map_err(index)?
+                        .map(|v| decode_account(v.value()));
+                    if let Some(mut account) = current {
+                        account.used = account
+                            .used
+                            .saturating_sub(u64::from(decode_record(&record).len));
+                        account.objects = account.objects.saturating_sub(1);
+                        accounts
+                            .insert(damage.account.as_str(), encode_account(&account).as_slice())
+                            .map_err(index)?;
+                    }
+                }
+            }
+            txn.commit().map_err(index)?;
+            report.repaired = true;
+        }
+        Ok(report)
+    }
+
+    fn record(&self, account: &str, id: &ObjectId) -> Result<Record, StoreError> {
+        let txn = self.db.begin_read().map_err(index)?;
+        let objects = txn.open_table(OBJECTS).map_err(index)?;
+        let value = objects
+            .get(key(account, id).as_slice())
+            .map_err(index)?
+            .ok_or_else(|| StoreError::ObjectMissing {
+                account: account.to_string(),
+                id: *id,
+            })?;
+        Ok(decode_record(value.value()))
+    }
+
+    fn start_partial(
+        &self,
+        account: &str,
+        key: &[u8],
+        total: u32,
+        path: &Path,
+    ) -> Result<(), StoreError> {
+        let dir = self.dir.join("partial").join(account);
+        fs::create_dir_all(&dir).map_err(|source| StoreError::Io {
+            action: "create",
+            path: dir.clone(),
+            source,
+        })?;
+        // A stale file of an upload the index forgot (crash before the record)
+        // must not pass for held bytes.
+        File::create(path)
+            .and_then(|f| f.sync_all())
+            .map_err(|source| StoreError::Io {
+                action: "create",
+                path: path.to_path_buf(),
+                source,
+            })?;
+        let txn = self.db.begin_write().map_err(index)?;
+        txn.open_table(PARTIALS)
+            .map_err(index)?
+            .insert(key, total)
+            .map_err(index)?;
+        txn.commit().map_err(index)
+    }
+
+    fn complete(&self, account: &str, key: &[u8], path: &Path) -> Result<(), StoreError> {
+        let mut bytes = Vec::new();
+        File::open(path)
+            .and_then(|mut f| f.read_to_end(&mut bytes))
+            .map_err(|source| StoreError::Io {
+                action: "read",
+                path: path.to_path_buf(),
+                source,
+            })?;
+        let len = u32::try_from(bytes.len()).expect("bounded by MAX_OBJECT_LEN");
+        let checksum = *blake3::hash(&bytes).as_bytes();
+        // One writer at a time: the quota check, the append and the index update
+        // happen together, so parallel uploads cannot overshoot the hard quota.
+        let mut writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let info = self.account(account)?;
+        check_quota(account, &info, u64::from(len))?;
+        if writer.len >= SEGMENT_TARGET {
+            writer.segment += 1;
+            writer.len = 0;
+        }
+        let offset = match self.backend.append(writer.segment, &bytes) {
+            Ok(offset) => offset,
+            Err(error) => {
+                // Drop a torn tail, so that the segment holds only whole objects.
+                // If even that fails, the tail stays unreferenced dead space.
+                let _ = self.backend.truncate(writer.segment, writer.len);
+                return Err(error.into());
+            }
+        };
+        writer.len = offset + u64::from(len);
+        let record = Record {
+            segment: writer.segment,
+            offset,
+            len,
+            checksum,
+        };
+        let txn = self.db.begin_write().map_err(index)?;
+        {
+            txn.open_table(OBJECTS)
+                .map_err(index)?
+                .insert(key, encode_record(&record).as_slice())
+                .map_err(index)?;
+            txn.open_table(PARTIALS)
+                .map_err(index)?
+                .remove(key)
+                .map_err(index)?;
+            let mut accounts = txn.open_table(ACCOUNTS).map_err(index)?;
+            let mut info = info;
+            info.used += u64::from(len);
+            info.objects += 1;
+            accounts
+                .insert(account, encode_account(&info).as_slice())
+                .map_err(index)?;
+        }
+        txn.commit().map_err(index)?;
+        drop(writer);
+        // The object is safe; a partial file left by a failure here is ignored (the
+        // index no longer names it) and replaced if the object is uploaded again.
+        let _ = fs::remove_file(path);
+        Ok(())
+    }
+
+    fn partial_path(&self, account: &str, id: &ObjectId) -> PathBuf {
+        self.dir
+            .join("partial")
+            .join(account)
+            .join(format!("{id}.part"))
+    }
+
+    fn partial_len(&self, account: &str, id: &ObjectId) -> Result<u32, StoreError> {
+        let path = self.partial_path(account, id);
+        match fs::metadata(&path) {
+            Ok(meta) => Ok(u32::try_from(meta.len()).unwrap_or(u32::MAX)),
+            // The record was written but the file lost: nothing is held.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+            Err(source) => Err(StoreError::Io {
+                action: "inspect",
+                path,
+                source,
+            }),
+        }
+    }
+}
+
+fn check_quota(account: &str, info: &Account, wanted: u64) -> Result<(), StoreError> {
+    if info.hard_limit > 0 && info.used + wanted > info.hard_limit {
+        return Err(StoreError::StoreFull {
+            account: account.to_string(),
+            used: info.used,
+            limit: info.hard_limit,
+            wanted,
+        });
+    }
+    Ok(())
+}
+
+fn append_synced(path: &Path, data: &[u8]) -> Result<(), StoreError> {
+    OpenOptions::new()
+        .append(true)
+        .open(path)
+        .and_then(|mut f| {
+            f.write_all(data)?;
+            f.sync_data()
+        })
+        .map_err(|source| StoreError::Io {
+            action: "append to",
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+/// Account names: 1 to 64 of `[A-Za-z0-9._-]`, not starting with a dot.
+pub fn check_account_name(name: &str) -> Result<(), StoreError> {
+    let valid = (1..=64).contains(&name.len())
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if valid {
+        Ok(())
+    } else {
+        Err(StoreError::InvalidAccount(name.to_string()))
+    }
+}
+
+fn key(account: &str, id: &ObjectId) -> Vec<u8> {
+    let mut key = Vec::with_capacity(account.len() + 1 + ObjectId::LEN);
+    key.extend_from_slice(account.as_bytes());
+    key.push(0);
+    key.extend_from_slice(id.as_bytes());
+    key
+}
+
+fn split_key(key: &[u8]) -> (String, ObjectId) {
+    let (account, id) = key.split_at(key.len() - ObjectId::LEN);
+    let account = String::from_utf8_lossy(&account[..account.len() - 1]).into_owned();
+    (
+        account,
+        ObjectId::from_bytes(id.try_into().expect("split at ObjectId::LEN")),
+    )
+}
+
+fn encode_record(record: &Record) -> [u8; RECORD_LEN] {
+    let mut out = [0; RECORD_LEN];
+    out[..8].copy_from_slice(&record.segment.to_le_bytes());
+    out[8..16].copy_from_slice(&record.offset.to_le_bytes());
+    out[16..20].copy_from_slice(&record.len.to_le_bytes());
+    out[20..].copy_from_slice(&record.checksum);
+    out
+}
+
+fn decode_record(bytes: &[u8]) -> Record {
+    let u64_at = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
+    Record {
+        segment: u64_at(0),
+        offset: u64_at(8),
+        len: u32::from_le_bytes(bytes[16..20].try_into().expect("4 bytes")),
+        checksum: bytes[20..52].try_into().expect("32 bytes"),
+    }
+}
+
+fn encode_account(account: &Account) -> [u8; ACCOUNT_LEN] {
+    let mut out = [0; ACCOUNT_LEN];
+    for (i, value) in [
+        account.used,
+        account.objects,
+        account.soft_limit,
+        account.hard_limit,
+    ]
+    .iter()
+    .enumerate()
+    {
+        out[i * 8..i * 8 + 8].copy_from_slice(&value.to_le_bytes());
+    }
+    out[32] = u8::from(account.disabled);
+    out
+}
+
+fn decode_account(bytes: &[u8]) -> Account {
+    let u64_at =
+        |i: usize| u64::from_le_bytes(bytes[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+    Account {
+        used: u64_at(0),
+        objects: u64_at(1),
+        soft_limit: u64_at(2),
+        hard_limit: u64_at(3),
+        disabled: bytes[32] != 0,
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,333 @@
+//! The object store's behaviour: uploads, resume across restarts, quotas, isolation
+//! of accounts, faults of the medium, and `check`.
+
+use std::sync::Arc;
+
+use homing_crypto::ObjectId;
+
+use super::*;
+use crate::backend::{Fault, FaultyBackend, LocalBackend};
+
+struct Fixture {
+    dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn open(&self) -> ObjectStore<FaultyBackend<LocalBackend>> {
+        let backend =
+            FaultyBackend::new(LocalBackend::open(&self.dir.path().join("segments")).unwrap());
+        ObjectStore::open(self.dir.path(), backend).unwrap()
+    }
+}
+
+fn id(n: u8) -> ObjectId {
+    ObjectId::from_bytes([n; 32])
+}
+
+fn object(n: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(n).wrapping_add(n))
+        .collect()
+}
+
+#[test]
+fn an_object_in_one_piece_is_stored_and_read_back() {
+    let fixture = Fixture::new();
+    let store = fixture.open();
+    store.add_account("alice", 0, 0).unwrap();
+    let bytes = object(1, 5000);
+    assert_eq!(store.holding("alice", &id(1)).unwrap(), Holding::Missing);
+    assert_eq!(
+        store.put_piece("alice", &id(1), 5000, 0, &bytes).unwrap(),
+        PutOutcome::Stored
+    );
+    assert_eq!(store.holding("alice", &id(1)).unwrap(), Holding::Stored);
+    assert_eq!(
+        store.read("alice", &id(1), 0, 5000).unwrap(),
+        (5000, bytes.clone())
+    );
+    assert_eq!(
+        store.read("alice", &id(1), 4000, 2000).unwrap(),
+        (5000, bytes[4000..].to_vec())
+    );
+    let account = store.account("alice").unwrap();
+    assert_eq!((account.used, account.objects), (5000, 1));
+    // Storing it again is a no-op, not a second copy.
+    assert_eq!(
+        store.put_piece("alice", &id(1), 5000, 0, &bytes).unwrap(),
+        PutOutcome::Stored
+    );
+    assert_eq!(store.account("alice").unwrap().used, 5000);
+}
+
+#[test]
+fn a_cut_upload_resumes_after_a_restart_at_the_held_offset() {
+    let fixture = Fixture::new();
+    let bytes = object(2, 10_000);
+    {
+        let store = fixture.open();
+        store.add_account("alice", 0, 0).unwrap();
+        assert_eq!(
+            store
+                .put_piece("alice", &id(2), 10_000, 0, &bytes[..3000])
+                .unwrap(),
+            PutOutcome::Incomplete(3000)
+        );
+        assert_eq!(
+            store
+                .put_piece("alice", &id(2), 10_000, 3000, &bytes[3000..4000])
+                .unwrap(),
+            PutOutcome::Incomplete(4000)
+        );
+        // The store goes away here, as after kill -9: nothing is closed cleanly.
+    }
+    let store = fixture.open();
+    assert_eq!(
+        store.holding("alice", &id(2)).unwrap(),
+        Holding::Partial(4000)
+    );
+    let wrong = store
+        .put_piece("alice", &id(2), 10_000, 0, &bytes[..100])
+        .unwrap_err();
+    assert!(
+        matches!(wrong, StoreError::OffsetMismatch { held: 4000, .. }),
+        "{wrong}"
+    );
+    let other_total = store
+        .put_piece("alice", &id(2), 9_999, 4000, &bytes[4000..5000])
+        .unwrap_err();
+    assert!(
+        matches!(other_total, StoreError::LengthMismatch { .. }),
+        "{other_total}"
+    );
+    assert_eq!(
+        store
+            .put_piece("alice", &id(2), 10_000, 4000, &bytes[4000..])
+            .unwrap(),
+        PutOutcome::Stored
+    );
+    assert_eq!(store.read("alice", &id(2), 0, 10_000).unwrap().1, bytes);
+    assert!(
+        !fixture
+            .dir
+            .path()
+            .join("partial/alice")
+            .join(format!("{}.part", id(2)))
+            .exists()
+    );
+}
+
+#[test]
+fn accounts_never_see_each_others_objects() {
+    let fixture = Fixture::new();
+    let store = fixture.open();
+    store.add_account("alice", 0, 0).unwrap();
+    store.add_account("bob", 0, 0).unwrap();
+    store
+        .put_piece("alice", &id(3), 10, 0, &object(3, 10))
+        .unwrap();
+    assert_eq!(store.holding("bob", &id(3)).unwrap(), Holding::Missing);
+    assert!(matches!(
+        store.read("bob", &id(3), 0, 10),
+        Err(StoreError::ObjectMissing { .. })
+    ));
+    // Bob storing the same id stores bob's bytes, and alice's stay hers.
+    store.put_piece("bob", &id(3), 4, 0, b"bob!").unwrap();
+    assert_eq!(store.read("alice", &id(3), 0, 10).unwrap().1, object(3, 10));
+    assert_eq!(store.read("bob", &id(3), 0, 10).unwrap().1, b"bob!");
+    assert!(matches!(
+        store.holding("carol", &id(3)),
+        Err(StoreError::UnknownAccount(_))
+    ));
+}
+
+#[test]
+fn account_names_are_checked() {
+    let fixture = Fixture::new();
+    let store = fixture.open();
+    for bad in ["", ".hidden", "a/b", "a\0b", &"x".repeat(65), "über"] {
+        assert!(
+            matches!(
+                store.add_account(bad, 0, 0),
+                Err(StoreError::InvalidAccount(_))
+            ),
+            "{bad:?}"
+        );
+    }
+    store.add_account("laptop-1.home_x", 0, 0).unwrap();
+    assert!(matches!(
+        store.add_account("laptop-1.home_x", 0, 0),
+        Err(StoreError::AccountExists(_))
+    ));
+}
+
+#[test]
+fn the_hard_quota_is_never_exceeded_by_parallel_uploads() {
+    let fixture = Fixture::new();
+    let store = Arc::new(fixture.open());
+    store.add_account("alice", 0, 50_000).unwrap();
+    let results: Vec<Result<PutOutcome, StoreError>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..12_u8)
+            .map(|n| {
+                let store = Arc::clone(&store);
+                scope.spawn(move || {
+                    let bytes = object(n + 10, 10_000);
+                    // Two pieces each, so that uploads interleave.
+                    store.put_piece("alice", &id(n + 10), 10_000, 0, &bytes[..5_000])?;
+                    store.put_piece("alice", &id(n + 10), 10_000, 5_000, &bytes[5_000..])
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let stored = results
+        .iter()
+        .filter(|r| matches!(r, Ok(PutOutcome::Stored)))
+        .count();
+    let full = results
+        .iter()
+        .filter(|r| matches!(r, Err(StoreError::StoreFull { .. })))
+        .count();
+    assert_eq!(stored + full, 12, "{results:?}");
+    assert_eq!(stored, 5);
+    let account = store.account("alice").unwrap();
+    assert_eq!(account.used, 50_000);
+    assert!(account.used <= account.hard_limit);
+}
+
+#[test]
+fn storage_faults_surface_and_lose_nothing_acknowledged() {
+    let fixture = Fixture::new();
+    let store = fixture.open();
+    store.add_account("alice", 0, 0).unwrap();
+    store
+        .put_piece("alice", &id(20), 1000, 0, &object(20, 1000))
+        .unwrap();
+    for (n, fault) in [(21, Fault::NoSpace), (22, Fault::Io), (23, Fault::Torn)] {
+        store.backend().plan([Some(fault)]);
+        let error = store
+            .put_piece("alice", &id(n), 1000, 0, &object(n, 1000))
+            .unwrap_err();
+        assert!(matches!(error, StoreError::Backend(_)), "{error}");
+        // Not stored, but the upload is still held and can be completed later.
+        assert_eq!(
+            store.holding("alice", &id(n)).unwrap(),
+            Holding::Partial(1000)
+        );
+    }
+    assert_eq!(
+        store.read("alice", &id(20), 0, 1000).unwrap().1,
+        object(20, 1000)
+    );
+    // The held uploads complete once the medium works again (an empty last piece).
+    for n in [21, 22, 23] {
+        assert_eq!(
+            store.put_piece("alice", &id(n), 1000, 1000, &[]).unwrap(),
+            PutOutcome::Stored
+        );
+        assert_eq!(
+            store.read("alice", &id(n), 0, 1000).unwrap().1,
+            object(n, 1000)
+        );
+    }
+    let report = store.check(false).unwrap();
+    assert!(report.damaged.is_empty(), "{report:?}");
+    assert_eq!(report.objects, 4);
+    assert_eq!(store.account("alice").unwrap().used, 4000);
+}
+
+#[test]
+fn check_names_an_object_whose_bytes_changed_and_repair_quarantines_it() {
+    let fixture = Fixture::new();
+    let store = fixture.open();
+    store.add_account("alice", 0, 0).unwrap();
+    for n in 30..33 {
+        store
+            .put_piece("alice", &id(n), 2000, 0, &object(n, 2000))
+            .unwrap();
+    }
+    // Flip one bit of the second object on disk.
+    let segment = fixture
+        .dir
+        .path()
+        .join("segments")
+        .join(format!("{:016x}.seg", 1));
+    let mut bytes = std::fs::read(&segment).unwrap();
+    bytes[2000 + 777] ^= 0x10;
+    std::fs::write(&segment, &bytes).unwrap();
+
+    let report = store.check(false).unwrap();
+    assert_eq!(report.damaged.len(), 1, "{report:?}");
+    assert_eq!(report.damaged[0].id, id(31));
+    assert_eq!(report.damaged[0].account, "alice");
+    let read = store.read("alice", &id(31), 0, 10).unwrap_err();
+    assert!(matches!(read, StoreError::Corrupt { .. }), "{read}");
+    assert!(read.to_string().contains(&id(31).to_string()));
+
+    let repaired = store.check(true).unwrap();
+    assert!(repaired.repaired);
+    assert_eq!(
+        store.holding("alice", &id(31)).unwrap(),
+        Holding::Missing,
+        "the client will upload it again"
+    );
+    assert!(store.check(false).unwrap().damaged.is_empty());
+    assert_eq!(store.account("alice").unwrap().objects, 2);
+}
+
+#[test]
+fn oversized_and_overlong_pieces_are_refused() {
+    let fixture = Fixture::new();
+    let store = fixture.open();
+    store.add_account("alice", 0, 0).unwrap();
+    let too_large = store
+        .put_piece("alice", &id(40), MAX_OBJECT_LEN + 1, 0, b"x")
+        .unwrap_err();
+    assert!(matches!(too_large, StoreError::TooLarge { .. }));
+    let past_end = store
+        .put_piece("alice", &id(40), 3, 0, b"four")
+        .unwrap_err();
+    assert!(matches!(past_end, StoreError::LengthMismatch { .. }));
+    let late_start = store.put_piece("alice", &id(40), 10, 5, b"x").unwrap_err();
+    assert!(matches!(
+        late_start,
+        StoreError::OffsetMismatch { held: 0, .. }
+    ));
+    assert_eq!(store.holding("alice", &id(40)).unwrap(), Holding::Missing);
+}
+
+#[test]
+fn a_crash_between_append_and_index_leaves_only_dead_space() {
+    let fixture = Fixture::new();
+    {
+        let store = fixture.open();
+        store.add_account("alice", 0, 0).unwrap();
+        store
+            .put_piece("alice", &id(50), 100, 0, &object(50, 100))
+            .unwrap();
+    }
+    // Bytes appended to the segment by a store that died before indexing them.
+    let backend = LocalBackend::open(&fixture.dir.path().join("segments")).unwrap();
+    backend.append(1, &[0xee; 300]).unwrap();
+    let store = fixture.open();
+    let report = store.check(false).unwrap();
+    assert!(report.damaged.is_empty());
+    assert_eq!(report.unreferenced_bytes, 300);
+    store
+        .put_piece("alice", &id(51), 100, 0, &object(51, 100))
+        .unwrap();
+    assert_eq!(
+        store.read("alice", &id(51), 0, 100).unwrap().1,
+        object(51, 100)
+    );
+    assert_eq!(
+        store.read("alice", &id(50), 0, 100).unwrap().1,
+        object(50, 100)
+    );
+}

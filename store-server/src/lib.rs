@@ -7,15 +7,18 @@
 //!   [`Backend`](backend::Backend) trait (a local directory today), with a
 //!   fault-injecting wrapper and a conformance suite every backend passes;
 //! - [`objects`]: the per-account object store over a backend: uploads in pieces
-//!   that survive restarts, the redb index, quotas, reads that verify, `check`.
+//!   that survive restarts, the redb index, quotas, reads that verify, `check`;
+//! - [`ca`]: the store's private CA: server certificate, client certificates per
+//!   account (issued, or signed from a laptop's request), revocation list.
 //!
 //! Not built yet (the rest of the store-server issue): the TLS server and the
-//! protocol session, the CA and certificates, snapshots and retention, the CLI.
+//! protocol session, snapshots and retention.
 //!
 //! This crate links `homing-crypto` without its `keys` feature: it names objects by
 //! [`ObjectId`](homing_crypto::ObjectId) and never holds a key.
 
 pub mod backend;
+pub mod ca;
 mod error;
 pub mod objects;
 

@@ -1,34 +1,504 @@
-//! The `homing-store` binary: the store server at home.
-//!
-//! The server (TLS, accounts, quotas, object storage, retention) arrives with the
-//! store-server issue. Until then this binary only answers `--help` and `--version`
-//! and refuses every command with exit code 2, so that no script or service manager
-//! mistakes it for a running store.
+//! The `homing-store` binary: the store server's command line. It parses, runs a
+//! command of the library and turns errors into messages and exit codes.
 
-use std::ffi::OsString;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::Parser;
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use homing_store::backend::LocalBackend;
+use homing_store::ca::{Ca, ClientCredentials};
+use homing_store::objects::{Account, ObjectStore};
 
 /// Homing's store server: keeps every account's sealed backups, which it cannot read.
 #[derive(Debug, Parser)]
 #[command(name = "homing-store", version, about, long_about = None)]
 struct Cli {
-    /// The command (init, ca, account, serve, check, retention).
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
-    command: Vec<OsString>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create a store: directories, the CA, the server certificate.
+    Init {
+        /// The store directory (created).
+        dir: PathBuf,
+        /// A name laptops reach the store by (repeatable; localhost is always in).
+        #[arg(long = "hostname", value_name = "NAME")]
+        hostnames: Vec<String>,
+        /// An address laptops reach the store by (repeatable; 127.0.0.1 is always in).
+        #[arg(long = "ip", value_name = "ADDR")]
+        ips: Vec<IpAddr>,
+    },
+    /// The certificate authority: issue, sign, revoke, list.
+    #[command(subcommand)]
+    Ca(CaCommand),
+    /// Accounts and quotas.
+    #[command(subcommand)]
+    Account(AccountCommand),
+    /// Verify every object against the checksum taken when it was stored.
+    Check {
+        #[command(flatten)]
+        store: StoreArg,
+        /// Move damaged objects to quarantine, so that clients upload them again.
+        #[arg(long)]
+        repair: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Serve clients over TLS (not built yet).
+    Serve {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        rest: Vec<String>,
+    },
+    /// Retention rules (not built yet).
+    Retention {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        rest: Vec<String>,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct StoreArg {
+    /// The store directory.
+    #[arg(long = "store", value_name = "DIR", env = "HOMING_STORE")]
+    dir: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+enum CaCommand {
+    /// Issue a key and certificate for an account (writes PREFIX.key, PREFIX.crt, PREFIX-ca.crt).
+    Issue {
+        /// The account (the certificate's common name).
+        account: String,
+        #[command(flatten)]
+        store: StoreArg,
+        /// Where to write the files: PREFIX.key, PREFIX.crt, PREFIX-ca.crt.
+        #[arg(long, value_name = "PREFIX")]
+        out: PathBuf,
+        /// Validity in days.
+        #[arg(long, default_value_t = 730)]
+        days: u32,
+    },
+    /// Sign a laptop's certificate request (the key never leaves the laptop).
+    Sign {
+        /// The request (PEM).
+        csr: PathBuf,
+        /// The account the certificate is for (the request's own subject is ignored).
+        #[arg(long)]
+        account: String,
+        #[command(flatten)]
+        store: StoreArg,
+        /// Where to write PREFIX.crt and PREFIX-ca.crt.
+        #[arg(long, value_name = "PREFIX")]
+        out: PathBuf,
+        /// Validity in days.
+        #[arg(long, default_value_t = 730)]
+        days: u32,
+    },
+    /// Revoke every certificate of an account, or one by serial.
+    Revoke {
+        /// An account name or a serial number (hex).
+        target: String,
+        #[command(flatten)]
+        store: StoreArg,
+    },
+    /// List issued certificates.
+    List {
+        #[command(flatten)]
+        store: StoreArg,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AccountCommand {
+    /// Create an account.
+    Add {
+        /// The account name (1-64 of letters, digits, '.', '_', '-').
+        name: String,
+        #[command(flatten)]
+        store: StoreArg,
+        /// Soft quota (warning), e.g. 400G; 0 for none.
+        #[arg(long, default_value = "0", value_parser = parse_size)]
+        soft: u64,
+        /// Hard quota (refusal), e.g. 500G; 0 for none.
+        #[arg(long, default_value = "0", value_parser = parse_size)]
+        hard: u64,
+    },
+    /// List accounts with usage and quotas.
+    List {
+        #[command(flatten)]
+        store: StoreArg,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one account.
+    Info {
+        /// The account.
+        name: String,
+        #[command(flatten)]
+        store: StoreArg,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change an account's quotas.
+    SetQuota {
+        /// The account.
+        name: String,
+        #[command(flatten)]
+        store: StoreArg,
+        /// Soft quota, e.g. 400G; 0 for none.
+        #[arg(long, value_parser = parse_size)]
+        soft: Option<u64>,
+        /// Hard quota, e.g. 500G; 0 for none.
+        #[arg(long, value_parser = parse_size)]
+        hard: Option<u64>,
+    },
+    /// Refuse new uploads for an account (its data stays).
+    Disable {
+        /// The account.
+        name: String,
+        #[command(flatten)]
+        store: StoreArg,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let name = cli
-        .command
-        .first()
-        .map(|c| c.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    eprintln!(
-        "homing-store: `homing-store {name}` is not implemented in this build yet \
-         (the store server arrives in a later release); nothing was done"
-    );
-    ExitCode::from(2)
+    match run(cli.command) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("homing-store: error: {error}");
+            for cause in error.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Init {
+            dir,
+            hostnames,
+            ips,
+        } => {
+            if dir.join("index.redb").exists() || dir.join("ca").exists() {
+                bail!(
+                    "{} already holds a store; Homing never replaces one",
+                    dir.display()
+                );
+            }
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            Ca::create(&dir, &hostnames, &ips)?;
+            open_store(&dir)?;
+            println!("Created a store in {}.", dir.display());
+            println!(
+                "Next: `homing-store account add NAME --store {}`",
+                dir.display()
+            );
+            println!(
+                "then: `homing-store ca issue NAME --store {} --out NAME`",
+                dir.display()
+            );
+        }
+        Command::Ca(command) => run_ca(command)?,
+        Command::Account(command) => run_account(command)?,
+        Command::Check {
+            store,
+            repair,
+            json,
+        } => {
+            let report = open_store(&store.dir)?.check(repair)?;
+            if json {
+                let damaged: Vec<_> = report
+                    .damaged
+                    .iter()
+                    .map(|d| serde_json::json!({"account": d.account, "id": d.id.to_string(), "problem": d.problem}))
+                    .collect();
+                let out = serde_json::json!({
+                    "objects": report.objects,
+                    "bytes": report.bytes,
+                    "damaged": damaged,
+                    "unreferenced_bytes": report.unreferenced_bytes,
+                    "repaired": report.repaired,
+                });
+                println!("{out}");
+            } else {
+                println!("checked {} objects, {} bytes", report.objects, report.bytes);
+                for damage in &report.damaged {
+                    println!(
+                        "DAMAGED account {} object {}: {}",
+                        damage.account, damage.id, damage.problem
+                    );
+                }
+                if report.unreferenced_bytes > 0 {
+                    println!(
+                        "{} bytes in segments belong to no object (left by an interrupted write)",
+                        report.unreferenced_bytes
+                    );
+                }
+                if report.repaired {
+                    println!(
+                        "moved {} damaged objects to quarantine; clients upload them again on their next backup",
+                        report.damaged.len()
+                    );
+                }
+            }
+            if !report.damaged.is_empty() && !report.repaired {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Command::Serve { .. } | Command::Retention { .. } => {
+            eprintln!(
+                "homing-store: this command is not implemented in this build yet; nothing was done"
+            );
+            return Ok(ExitCode::from(2));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_ca(command: CaCommand) -> anyhow::Result<()> {
+    match command {
+        CaCommand::Issue {
+            account,
+            store,
+            out,
+            days,
+        } => {
+            let credentials = Ca::open(&store.dir)?.issue(&account, days)?;
+            write_credentials(&out, &credentials)?;
+            println!(
+                "Issued certificate {} for account {account}.",
+                credentials.serial
+            );
+        }
+        CaCommand::Sign {
+            csr,
+            account,
+            store,
+            out,
+            days,
+        } => {
+            let request = std::fs::read_to_string(&csr)
+                .with_context(|| format!("cannot read {}", csr.display()))?;
+            let credentials = Ca::open(&store.dir)?.sign_request(&request, &account, days)?;
+            write_credentials(&out, &credentials)?;
+            println!(
+                "Signed certificate {} for account {account}.",
+                credentials.serial
+            );
+        }
+        CaCommand::Revoke { target, store } => {
+            let revoked = Ca::open(&store.dir)?.revoke(&target)?;
+            if revoked.is_empty() {
+                println!("Nothing to do: every certificate of {target} was revoked already.");
+            }
+            for serial in revoked {
+                println!("Revoked certificate {serial}.");
+            }
+        }
+        CaCommand::List { store, json } => {
+            let issued = Ca::open(&store.dir)?.issued()?;
+            if json {
+                let rows: Vec<_> = issued
+                    .iter()
+                    .map(|i| serde_json::json!({"serial": i.serial, "account": i.account, "not_after": i.not_after, "revoked": i.revoked}))
+                    .collect();
+                println!("{}", serde_json::Value::Array(rows));
+            } else {
+                println!(
+                    "{:<34} {:<20} {:>12} revoked",
+                    "serial", "account", "not after"
+                );
+                for i in issued {
+                    println!(
+                        "{:<34} {:<20} {:>12} {}",
+                        i.serial,
+                        i.account,
+                        i.not_after,
+                        if i.revoked { "yes" } else { "no" }
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn run_account(command: AccountCommand) -> anyhow::Result<()> {
+    match command {
+        AccountCommand::Add {
+            name,
+            store,
+            soft,
+            hard,
+        } => {
+            open_store(&store.dir)?.add_account(&name, soft, hard)?;
+            println!("Created account {name}.");
+        }
+        AccountCommand::List { store, json } => {
+            let accounts = open_store(&store.dir)?.accounts()?;
+            if json {
+                let rows: Vec<_> = accounts.iter().map(|(n, a)| account_json(n, a)).collect();
+                println!("{}", serde_json::Value::Array(rows));
+            } else {
+                println!(
+                    "{:<20} {:>14} {:>10} {:>14} {:>14} state",
+                    "account", "used", "objects", "soft", "hard"
+                );
+                for (name, a) in accounts {
+                    println!(
+                        "{:<20} {:>14} {:>10} {:>14} {:>14} {}",
+                        name,
+                        a.used,
+                        a.objects,
+                        a.soft_limit,
+                        a.hard_limit,
+                        if a.disabled { "disabled" } else { "active" }
+                    );
+                }
+            }
+        }
+        AccountCommand::Info { name, store, json } => {
+            let account = open_store(&store.dir)?.account(&name)?;
+            if json {
+                println!("{}", account_json(&name, &account));
+            } else {
+                println!(
+                    "account:  {name}{}",
+                    if account.disabled { " (disabled)" } else { "" }
+                );
+                println!(
+                    "used:     {} bytes in {} objects",
+                    account.used, account.objects
+                );
+                println!("soft:     {}", limit(account.soft_limit));
+                println!("hard:     {}", limit(account.hard_limit));
+                if account.soft_limit > 0 && account.used > account.soft_limit {
+                    println!("warning:  over the soft quota");
+                }
+            }
+        }
+        AccountCommand::SetQuota {
+            name,
+            store,
+            soft,
+            hard,
+        } => {
+            let account = open_store(&store.dir)?.update_account(&name, |a| {
+                a.soft_limit = soft.unwrap_or(a.soft_limit);
+                a.hard_limit = hard.unwrap_or(a.hard_limit);
+            })?;
+            println!(
+                "Account {name}: soft {}, hard {}.",
+                limit(account.soft_limit),
+                limit(account.hard_limit)
+            );
+        }
+        AccountCommand::Disable { name, store } => {
+            open_store(&store.dir)?.update_account(&name, |a| a.disabled = true)?;
+            println!("Account {name} is disabled: new uploads are refused; its data stays.");
+        }
+    }
+    Ok(())
+}
+
+fn open_store(dir: &Path) -> anyhow::Result<ObjectStore<LocalBackend>> {
+    if !dir.join("ca").exists() {
+        bail!(
+            "{} is not a store (no ca/ in it); create one with `homing-store init DIR`",
+            dir.display()
+        );
+    }
+    let backend = LocalBackend::open(&dir.join("segments"))
+        .with_context(|| format!("cannot open the segments of {}", dir.display()))?;
+    Ok(ObjectStore::open(dir, backend)?)
+}
+
+fn write_credentials(prefix: &Path, credentials: &ClientCredentials) -> anyhow::Result<()> {
+    let with = |suffix: &str| {
+        let mut name = prefix.as_os_str().to_owned();
+        name.push(suffix);
+        PathBuf::from(name)
+    };
+    if let Some(key) = &credentials.key_pem {
+        write_new(&with(".key"), key, 0o600)?;
+    }
+    write_new(&with(".crt"), &credentials.cert_pem, 0o644)?;
+    write_new(&with("-ca.crt"), &credentials.ca_pem, 0o644)?;
+    Ok(())
+}
+
+fn write_new(path: &Path, text: &str, mode: u32) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, mode);
+    #[cfg(not(unix))]
+    let _ = mode;
+    let mut file = options
+        .open(path)
+        .with_context(|| format!("cannot create {} (it must not exist yet)", path.display()))?;
+    file.write_all(text.as_bytes())
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+fn account_json(name: &str, a: &Account) -> serde_json::Value {
+    serde_json::json!({
+        "account": name,
+        "used": a.used,
+        "objects": a.objects,
+        "soft_limit": a.soft_limit,
+        "hard_limit": a.hard_limit,
+        "disabled": a.disabled,
+    })
+}
+
+fn limit(bytes: u64) -> String {
+    if bytes == 0 {
+        "none".to_string()
+    } else {
+        format!("{bytes} bytes")
+    }
+}
+
+/// Sizes: a number with an optional K, M, G or T (powers of 1024).
+fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let (digits, unit) = match text.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((at, _)) => text.split_at(at),
+        None => (text, ""),
+    };
+    let number: u64 = digits
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size like 500G"))?;
+    let factor: u64 = match unit.to_ascii_uppercase().trim_end_matches(['B', 'I']) {
+        "" => 1,
+        "K" => 1 << 10,
+        "M" => 1 << 20,
+        "G" => 1 << 30,
+        "T" => 1 << 40,
+        _ => {
+            return Err(format!(
+                "{text:?}: unknown unit {unit:?} (use K, M, G or T)"
+            ));
+        }
+    };
+    number
+        .checked_mul(factor)
+        .ok_or_else(|| format!("{text:?} is too large"))
 }

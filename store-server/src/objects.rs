@@ -213,6 +213,53 @@ impl<B: Backend> ObjectStore<B> {
         Ok(decode_account(value.value()))
     }
 
+    /// Every account, by name.
+    ///
+    /// # Errors
+    /// An index failure.
+    pub fn accounts(&self) -> Result<Vec<(String, Account)>, StoreError> {
+        let txn = self.db.begin_read().map_err(index)?;
+        let accounts = txn.open_table(ACCOUNTS).map_err(index)?;
+        accounts
+            .iter()
+            .map_err(index)?
+            .map(|entry| {
+                let (name, value) = entry.map_err(index)?;
+                Ok((name.value().to_string(), decode_account(value.value())))
+            })
+            .collect()
+    }
+
+    /// Changes an account's quotas (in bytes, 0 for none) and whether it is
+    /// disabled. A lower hard quota refuses new objects; nothing stored is deleted.
+    ///
+    /// # Errors
+    /// An unknown account, or an index failure.
+    pub fn update_account(
+        &self,
+        name: &str,
+        change: impl FnOnce(&mut Account),
+    ) -> Result<Account, StoreError> {
+        // Under the writer lock, so that an upload's quota check sees the change.
+        let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let txn = self.db.begin_write().map_err(index)?;
+        let account = {
+            let mut accounts = txn.open_table(ACCOUNTS).map_err(index)?;
+            let mut account = accounts
+                .get(name)
+                .map_err(index)?
+                .map(|v| decode_account(v.value()))
+                .ok_or_else(|| StoreError::UnknownAccount(name.to_string()))?;
+            change(&mut account);
+            accounts
+                .insert(name, encode_account(&account).as_slice())
+                .map_err(index)?;
+            account
+        };
+        txn.commit().map_err(index)?;
+        Ok(account)
+    }
+
     /// Whether `account` holds `id`, and how much of a cut upload.
     ///
     /// # Errors

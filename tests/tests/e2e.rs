@@ -4,6 +4,7 @@
 //! the workspace links one executable for all of them.
 
 mod key;
+mod store;
 mod unimplemented;
 
 use std::path::Path;

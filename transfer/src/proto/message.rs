@@ -166,8 +166,10 @@ pub enum ServerMessage<'a> {
         /// The object.
         id: ObjectId,
     },
-    /// A piece of an upload failed; the store holds what it held before the piece
-    /// (answers its uploading pieces; `OffsetMismatch` says where to resume).
+    /// A piece of an upload failed (answers its uploading pieces). The store holds
+    /// what `Query` now reports: a piece refused before it was taken leaves the
+    /// bytes held before it (`OffsetMismatch` says how many); a failed completion
+    /// keeps the whole upload held, and an empty piece at `total` completes it.
     Refused {
         /// The object.
         id: ObjectId,
@@ -321,6 +323,7 @@ impl<'a> ClientMessage<'a> {
                 min_version,
                 max_version,
             } => {
+                assert!(min_version <= max_version, "an empty version range");
                 put_varint(out, u64::from(*min_version));
                 put_varint(out, u64::from(*max_version));
             }
@@ -353,6 +356,10 @@ impl<'a> ClientMessage<'a> {
             Self::List { from } => put_varint(out, *from),
             Self::Usage | Self::Bye => {}
             Self::Get { id, offset, len } => {
+                assert!(
+                    *len as usize <= MAX_PIECE,
+                    "a Get asks for more than MAX_PIECE"
+                );
                 out.extend_from_slice(id.as_bytes());
                 put_varint(out, u64::from(*offset));
                 put_varint(out, u64::from(*len));
@@ -471,6 +478,7 @@ impl<'a> ServerMessage<'a> {
                     entries.len() <= MAX_SNAPSHOTS_PER_FRAME,
                     "too many snapshots for one frame"
                 );
+                assert!(!(*more && entries.is_empty()), "an empty page with more");
                 put_optional_id(out, head.as_ref());
                 out.push(u8::from(*more));
                 put_varint(out, entries.len() as u64);
@@ -543,6 +551,11 @@ impl<'a> ServerMessage<'a> {
                 if count > MAX_SNAPSHOTS_PER_FRAME {
                     return Err(ProtocolError::Malformed(
                         "more snapshots than a frame may carry",
+                    ));
+                }
+                if more && count == 0 {
+                    return Err(ProtocolError::Malformed(
+                        "an empty page cannot have more after it",
                     ));
                 }
                 let mut entries = Vec::with_capacity(count);

@@ -6,7 +6,11 @@
 //!   and the pinned [`ChunkerParams::V1`];
 //! - [`Sealer`] turns a plaintext into a [`SealedObject`]: zstd when it helps, then
 //!   [`homing_crypto`]'s sealing; [`open_object`] reverses it and verifies the id;
-//! - [`seal_stream`] runs both over a reader on several threads, in bounded memory.
+//! - [`seal_stream`] runs both over a reader on several threads, in bounded memory;
+//! - [`proto`] encodes and decodes the frames of the wire protocol.
+//!
+//! Everything but [`proto`] needs the `sealing` feature (on by default), which
+//! brings the owner's keys; the store server builds without it.
 //!
 //! # Example
 //!
@@ -32,14 +36,24 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
-mod chunker;
-mod error;
-mod object;
-mod pipeline;
 pub mod proto;
+
+#[cfg(feature = "sealing")]
+mod chunker;
+#[cfg(feature = "sealing")]
+mod error;
+#[cfg(feature = "sealing")]
+mod object;
+#[cfg(feature = "sealing")]
+mod pipeline;
+#[cfg(feature = "sealing")]
 mod segments;
 
+#[cfg(feature = "sealing")]
 pub use chunker::{ChunkSpan, Chunker, ChunkerParams};
+#[cfg(feature = "sealing")]
 pub use error::Error;
+#[cfg(feature = "sealing")]
 pub use object::{DEFAULT_ZSTD_LEVEL, MAX_OBJECT_PLAINTEXT, SealedObject, Sealer, open_object};
+#[cfg(feature = "sealing")]
 pub use pipeline::{PipelineOptions, SealedChunk, StreamSummary, seal_stream};

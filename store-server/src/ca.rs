@@ -57,7 +57,9 @@ pub enum CaError {
         path: PathBuf,
     },
     /// An account name that is not allowed.
-    #[error("invalid account name {0:?}: use 1 to 64 letters, digits, '.', '_' or '-'")]
+    #[error(
+        "invalid account name {0:?}: use 1 to 64 lower-case letters, digits, '.', '_' or '-', not starting with '.'"
+    )]
     InvalidAccount(String),
     /// Nothing matches what was to be revoked.
     #[error("no certificate was issued to account or serial {0:?}; see `homing-store ca list`")]

@@ -28,7 +28,9 @@ pub enum StoreError {
         source: io::Error,
     },
     /// An account name that is not allowed.
-    #[error("invalid account name {0:?}: use 1 to 64 letters, digits, '.', '_' or '-'")]
+    #[error(
+        "invalid account name {0:?}: use 1 to 64 lower-case letters, digits, '.', '_' or '-', not starting with '.'"
+    )]
     InvalidAccount(String),
     /// No such account.
     #[error("no account named {0:?}; create it with `homing-store account add`")]
@@ -86,6 +88,25 @@ pub enum StoreError {
         account: String,
         /// The object.
         id: ObjectId,
+    },
+    /// A commit whose parent is not the account's head (another client committed,
+    /// or the client's view is stale).
+    #[error("the commit does not follow account {account:?}'s head")]
+    StaleParent {
+        /// The account.
+        account: String,
+        /// The account's head.
+        head: Option<ObjectId>,
+    },
+    /// A commit that references objects the account does not hold.
+    #[error("the commit references {count} objects that account {account:?} does not hold")]
+    MissingReferences {
+        /// The account.
+        account: String,
+        /// How many are missing.
+        count: usize,
+        /// Some of them (at most 1000).
+        ids: Vec<ObjectId>,
     },
     /// An object's bytes no longer match the checksum taken when it was stored.
     #[error(

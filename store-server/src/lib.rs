@@ -11,8 +11,12 @@
 //! - [`ca`]: the store's private CA: server certificate, client certificates per
 //!   account (issued, or signed from a laptop's request), revocation list.
 //!
-//! Not built yet (the rest of the store-server issue): the TLS server and the
-//! protocol session, snapshots and retention.
+//! - [`server`]: TLS 1.3 with client certificates from the CA, one protocol
+//!   session per connection (the codec is `homing_transfer::proto`), revocation
+//!   that takes effect while the server runs.
+//!
+//! Not built yet (the rest of the store-server issue): retention and garbage
+//! collection.
 //!
 //! This crate links `homing-crypto` without its `keys` feature: it names objects by
 //! [`ObjectId`](homing_crypto::ObjectId) and never holds a key.
@@ -21,5 +25,6 @@ pub mod backend;
 pub mod ca;
 mod error;
 pub mod objects;
+pub mod server;
 
 pub use error::StoreError;

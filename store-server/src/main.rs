@@ -49,10 +49,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Serve clients over TLS (not built yet).
+    /// Serve clients over TLS until SIGTERM or SIGINT.
     Serve {
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-        rest: Vec<String>,
+        #[command(flatten)]
+        store: StoreArg,
+        /// Address to listen on; port 0 picks a free port (printed on start).
+        #[arg(long, default_value = "0.0.0.0:7473")]
+        listen: std::net::SocketAddr,
     },
     /// Retention rules (not built yet).
     Retention {
@@ -173,6 +176,12 @@ enum AccountCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
     match run(cli.command) {
         Ok(code) => code,
         Err(error) => {
@@ -259,7 +268,8 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::FAILURE);
             }
         }
-        Command::Serve { .. } | Command::Retention { .. } => {
+        Command::Serve { store, listen } => serve(&store.dir, listen)?,
+        Command::Retention { .. } => {
             eprintln!(
                 "homing-store: this command is not implemented in this build yet; nothing was done"
             );
@@ -267,6 +277,33 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn serve(dir: &Path, listen: std::net::SocketAddr) -> anyhow::Result<()> {
+    let store = open_store(dir)?;
+    let server = std::sync::Arc::new(homing_store::server::Server::new(dir, store)?);
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("cannot listen on {listen}"))?;
+        let address = listener.local_addr()?;
+        // Scripts and tests read this line to learn the port.
+        println!("listening on {address}");
+        use std::io::Write;
+        std::io::stdout().flush()?;
+        let shutdown = async {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("installing a SIGTERM handler cannot fail at start-up");
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        };
+        server.serve(listener, shutdown).await?;
+        anyhow::Ok(())
+    })
 }
 
 fn run_ca(command: CaCommand) -> anyhow::Result<()> {

@@ -41,6 +41,12 @@ const PARTIALS: TableDefinition<&[u8], u32> = TableDefinition::new("partials");
 const ACCOUNTS: TableDefinition<&str, &[u8]> = TableDefinition::new("accounts");
 /// (account, id) → the record of an object that failed a check, kept for the report.
 const QUARANTINE: TableDefinition<&[u8], &[u8]> = TableDefinition::new("quarantine");
+/// (account, sequence u64 big-endian) → manifest id, committed-at u64, parent flag + id.
+const SNAPSHOTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("snapshots");
+/// (account, sequence u64 big-endian) → the ids the snapshot's commit referenced.
+const REFERENCES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("references");
+/// account → head manifest id, head sequence u64.
+const HEADS: TableDefinition<&str, &[u8]> = TableDefinition::new("heads");
 
 const RECORD_LEN: usize = 8 + 8 + 4 + 32;
 const ACCOUNT_LEN: usize = 8 + 8 + 8 + 8 + 1;
@@ -80,6 +86,28 @@ pub struct Account {
     pub hard_limit: u64,
     /// Whether the account is disabled.
     pub disabled: bool,
+}
+
+/// One committed snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Its manifest's id.
+    pub id: ObjectId,
+    /// The account's commit counter, from 1.
+    pub sequence: u64,
+    /// When it was committed, in seconds since the Unix epoch.
+    pub committed_at: u64,
+}
+
+/// A page of an account's snapshots.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshots {
+    /// The head, if any snapshot was committed.
+    pub head: Option<ObjectId>,
+    /// The snapshots asked for, oldest first.
+    pub entries: Vec<Snapshot>,
+    /// Whether more follow the last one.
+    pub more: bool,
 }
 
 /// What [`ObjectStore::check`] found.
@@ -146,21 +174,24 @@ impl<B: Backend> ObjectStore<B> {
         })?;
         let db = Database::create(dir.join("index.redb")).map_err(index)?;
         let txn = db.begin_write().map_err(index)?;
-        for table in [OBJECTS, QUARANTINE] {
+        for table in [OBJECTS, QUARANTINE, SNAPSHOTS, REFERENCES] {
             txn.open_table(table).map_err(index)?;
         }
         txn.open_table(PARTIALS).map_err(index)?;
         txn.open_table(ACCOUNTS).map_err(index)?;
+        txn.open_table(HEADS).map_err(index)?;
         txn.commit().map_err(index)?;
         // Append to the newest segment; a fresh store starts at segment 1.
         let (segment, len) = backend.list()?.last().copied().unwrap_or((1, 0));
-        Ok(Self {
+        let store = Self {
             dir: dir.to_path_buf(),
             backend,
             db,
             writer: Mutex::new(Writer { segment, len }),
             shards: std::array::from_fn(|_| Mutex::new(())),
-        })
+        };
+        store.remove_stray_partials()?;
+        Ok(store)
     }
 
     /// The backend, for tools and tests.
@@ -258,6 +289,141 @@ impl<B: Backend> ObjectStore<B> {
         };
         txn.commit().map_err(index)?;
         Ok(account)
+    }
+
+    /// Commits a snapshot: its manifest `manifest_id` (already stored) follows
+    /// `parent`, which must be the account's head, and every id in `references`
+    /// must be stored. Atomic: either all of it is recorded or nothing. Returns the
+    /// new head's sequence number.
+    ///
+    /// # Errors
+    /// [`StoreError::StaleParent`], [`StoreError::MissingReferences`] (the manifest
+    /// included), or an index failure.
+    pub fn commit(
+        &self,
+        account: &str,
+        manifest_id: &ObjectId,
+        parent: Option<&ObjectId>,
+        references: &[ObjectId],
+        committed_at: u64,
+    ) -> Result<u64, StoreError> {
+        self.account(account)?;
+        let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let txn = self.db.begin_write().map_err(index)?;
+        let sequence = {
+            let mut heads = txn.open_table(HEADS).map_err(index)?;
+            let head = heads
+                .get(account)
+                .map_err(index)?
+                .map(|v| decode_head(v.value()));
+            if head.map(|(id, _)| id).as_ref() != parent {
+                return Err(StoreError::StaleParent {
+                    account: account.to_string(),
+                    head: head.map(|(id, _)| id),
+                });
+            }
+            let objects = txn.open_table(OBJECTS).map_err(index)?;
+            let mut missing = Vec::new();
+            let mut count = 0;
+            for id in std::iter::once(manifest_id).chain(references) {
+                if objects
+                    .get(key(account, id).as_slice())
+                    .map_err(index)?
+                    .is_none()
+                {
+                    count += 1;
+                    if missing.len() < 1000 {
+                        missing.push(*id);
+                    }
+                }
+            }
+            if count > 0 {
+                return Err(StoreError::MissingReferences {
+                    account: account.to_string(),
+                    count,
+                    ids: missing,
+                });
+            }
+            let sequence = head.map_or(1, |(_, s)| s + 1);
+            let snapshot_key = snapshot_key(account, sequence);
+            let mut value = Vec::with_capacity(32 + 8 + 33);
+            value.extend_from_slice(manifest_id.as_bytes());
+            value.extend_from_slice(&committed_at.to_le_bytes());
+            match parent {
+                None => value.push(0),
+                Some(parent) => {
+                    value.push(1);
+                    value.extend_from_slice(parent.as_bytes());
+                }
+            }
+            txn.open_table(SNAPSHOTS)
+                .map_err(index)?
+                .insert(snapshot_key.as_slice(), value.as_slice())
+                .map_err(index)?;
+            let ids: Vec<u8> = references.iter().flat_map(|id| *id.as_bytes()).collect();
+            txn.open_table(REFERENCES)
+                .map_err(index)?
+                .insert(snapshot_key.as_slice(), ids.as_slice())
+                .map_err(index)?;
+            let mut head_value = [0_u8; 40];
+            head_value[..32].copy_from_slice(manifest_id.as_bytes());
+            head_value[32..].copy_from_slice(&sequence.to_le_bytes());
+            heads
+                .insert(account, head_value.as_slice())
+                .map_err(index)?;
+            sequence
+        };
+        txn.commit().map_err(index)?;
+        Ok(sequence)
+    }
+
+    /// The account's head, and up to `limit` snapshots from sequence `from` on,
+    /// oldest first, with whether more follow.
+    ///
+    /// # Errors
+    /// An unknown account, or an index failure.
+    pub fn snapshots(
+        &self,
+        account: &str,
+        from: u64,
+        limit: usize,
+    ) -> Result<Snapshots, StoreError> {
+        self.account(account)?;
+        let txn = self.db.begin_read().map_err(index)?;
+        let head = txn
+            .open_table(HEADS)
+            .map_err(index)?
+            .get(account)
+            .map_err(index)?
+            .map(|v| decode_head(v.value()).0);
+        let table = txn.open_table(SNAPSHOTS).map_err(index)?;
+        let start = snapshot_key(account, from);
+        let end = snapshot_key(account, u64::MAX);
+        let mut entries = Vec::new();
+        let mut more = false;
+        for entry in table
+            .range(start.as_slice()..=end.as_slice())
+            .map_err(index)?
+        {
+            let (key, value) = entry.map_err(index)?;
+            if entries.len() == limit {
+                more = true;
+                break;
+            }
+            let key = key.value();
+            let sequence = u64::from_be_bytes(key[key.len() - 8..].try_into().expect("8 bytes"));
+            let value = value.value();
+            entries.push(Snapshot {
+                id: ObjectId::from_bytes(value[..32].try_into().expect("32 bytes")),
+                sequence,
+                committed_at: u64::from_le_bytes(value[32..40].try_into().expect("8 bytes")),
+            });
+        }
+        Ok(Snapshots {
+            head,
+            entries,
+            more,
+        })
     }
 
     /// Whether `account` holds `id`, and how much of a cut upload.
@@ -359,8 +525,9 @@ impl<B: Backend> ObjectStore<B> {
                 if offset != 0 {
                     return Err(StoreError::OffsetMismatch { id: *id, held: 0 });
                 }
-                // Refuse early what could never fit, before taking any bytes.
-                check_quota(account, &info, u64::from(total))?;
+                // Refuse early what could never fit, counting the uploads in progress,
+                // so that partial uploads cannot fill the disk past the quota.
+                check_quota(account, &info, self.pending(account)? + u64::from(total))?;
                 self.start_partial(account, &key, total, &path)?;
                 0
             }
@@ -392,6 +559,7 @@ impl<B: Backend> ObjectStore<B> {
         offset: u32,
         len: u32,
     ) -> Result<(u32, Vec<u8>), StoreError> {
+        self.account(account)?;
         let record = self.record(account, id)?;
         let bytes = self
             .backend
@@ -516,9 +684,11 @@ impl<B: Backend> ObjectStore<B> {
             source,
         })?;
         // A stale file of an upload the index forgot (crash before the record)
-        // must not pass for held bytes.
+        // must not pass for held bytes. The directory is synced so that the new
+        // file's name survives a power cut too.
         File::create(path)
             .and_then(|f| f.sync_all())
+            .and_then(|()| File::open(&dir)?.sync_all())
             .map_err(|source| StoreError::Io {
                 action: "create",
                 path: path.to_path_buf(),
@@ -588,9 +758,66 @@ impl<B: Backend> ObjectStore<B> {
         }
         txn.commit().map_err(index)?;
         drop(writer);
-        // The object is safe; a partial file left by a failure here is ignored (the
-        // index no longer names it) and replaced if the object is uploaded again.
+        // The object is safe; a partial file left by a failure here is no longer
+        // named by the index and is removed the next time the store opens.
         let _ = fs::remove_file(path);
+        Ok(())
+    }
+
+    /// The announced totals of the account's uploads in progress.
+    fn pending(&self, account: &str) -> Result<u64, StoreError> {
+        let txn = self.db.begin_read().map_err(index)?;
+        let partials = txn.open_table(PARTIALS).map_err(index)?;
+        let start = key(account, &ObjectId::from_bytes([0; 32]));
+        let end = key(account, &ObjectId::from_bytes([0xff; 32]));
+        let mut total = 0;
+        for entry in partials
+            .range(start.as_slice()..=end.as_slice())
+            .map_err(index)?
+        {
+            total += u64::from(entry.map_err(index)?.1.value());
+        }
+        Ok(total)
+    }
+
+    /// Removes partial files the index no longer names (left by a crash between
+    /// the index transaction and the file's removal).
+    fn remove_stray_partials(&self) -> Result<(), StoreError> {
+        let root = self.dir.join("partial");
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| StoreError::Io {
+                action: "list",
+                path,
+                source,
+            }
+        };
+        let txn = self.db.begin_read().map_err(index)?;
+        let partials = txn.open_table(PARTIALS).map_err(index)?;
+        for account in fs::read_dir(&root).map_err(io(&root))? {
+            let account = account.map_err(io(&root))?;
+            let Some(name) = account.file_name().to_str().map(str::to_string) else {
+                continue;
+            };
+            for file in fs::read_dir(account.path()).map_err(io(&account.path()))? {
+                let file = file.map_err(io(&account.path()))?;
+                let id = file
+                    .file_name()
+                    .to_str()
+                    .and_then(|n| n.strip_suffix(".part"))
+                    .and_then(ObjectId::from_hex);
+                let named = match id {
+                    Some(id) => partials
+                        .get(key(&name, &id).as_slice())
+                        .map_err(index)?
+                        .is_some(),
+                    None => false,
+                };
+                if !named {
+                    let _ = fs::remove_file(file.path());
+                }
+            }
+        }
         Ok(())
     }
 
@@ -643,13 +870,18 @@ fn append_synced(path: &Path, data: &[u8]) -> Result<(), StoreError> {
         })
 }
 
-/// Account names: 1 to 64 of `[A-Za-z0-9._-]`, not starting with a dot.
+/// Account names: 1 to 64 of `[a-z0-9._-]`, not starting with a dot. Lower case
+/// only, so that two accounts never share a directory on a file system that
+/// ignores case.
+///
+/// # Errors
+/// [`StoreError::InvalidAccount`].
 pub fn check_account_name(name: &str) -> Result<(), StoreError> {
     let valid = (1..=64).contains(&name.len())
         && !name.starts_with('.')
         && name
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b));
     if valid {
         Ok(())
     } else {
@@ -663,6 +895,21 @@ fn key(account: &str, id: &ObjectId) -> Vec<u8> {
     key.push(0);
     key.extend_from_slice(id.as_bytes());
     key
+}
+
+fn snapshot_key(account: &str, sequence: u64) -> Vec<u8> {
+    let mut key = Vec::with_capacity(account.len() + 9);
+    key.extend_from_slice(account.as_bytes());
+    key.push(0);
+    key.extend_from_slice(&sequence.to_be_bytes());
+    key
+}
+
+fn decode_head(bytes: &[u8]) -> (ObjectId, u64) {
+    (
+        ObjectId::from_bytes(bytes[..32].try_into().expect("32 bytes")),
+        u64::from_le_bytes(bytes[32..40].try_into().expect("8 bytes")),
+    )
 }
 
 fn split_key(key: &[u8]) -> (String, ObjectId) {

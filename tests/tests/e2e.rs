@@ -4,6 +4,7 @@
 //! the workspace links one executable for all of them.
 
 mod key;
+mod serve;
 mod store;
 mod unimplemented;
 

@@ -26,7 +26,7 @@ fn planned_client_commands_exit_2_and_say_so() {
 #[test]
 fn the_store_server_refuses_to_pretend() {
     let result = Command::new(binary("homing-store"))
-        .args(["serve", "--store", "/tmp/x"])
+        .args(["retention", "set", "alice"])
         .output()
         .unwrap();
     assert_eq!(result.status.code(), Some(2));

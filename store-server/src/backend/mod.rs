@@ -5,7 +5,8 @@
 //! where each one is. The [`Backend`] trait is all the object store needs from the
 //! medium, so that a local directory ([`LocalBackend`]), a fault-injecting wrapper
 //! for tests ([`FaultyBackend`]) and, later, an S3-compatible object store plug in
-//! alike. [`conformance`] is the test suite every backend must pass.
+//! alike. The `conformance` module (tests, or the `conformance` feature) is the
+//! test suite every backend must pass.
 
 mod faulty;
 mod local;

@@ -145,13 +145,25 @@ fn accounts_never_see_each_others_objects() {
         store.holding("carol", &id(3)),
         Err(StoreError::UnknownAccount(_))
     ));
+    assert!(matches!(
+        store.read("carol", &id(3), 0, 1),
+        Err(StoreError::UnknownAccount(_))
+    ));
 }
 
 #[test]
 fn account_names_are_checked() {
     let fixture = Fixture::new();
     let store = fixture.open();
-    for bad in ["", ".hidden", "a/b", "a\0b", &"x".repeat(65), "über"] {
+    for bad in [
+        "",
+        ".hidden",
+        "a/b",
+        "a\0b",
+        &"x".repeat(65),
+        "über",
+        "Alice",
+    ] {
         assert!(
             matches!(
                 store.add_account(bad, 0, 0),
@@ -165,6 +177,48 @@ fn account_names_are_checked() {
         store.add_account("laptop-1.home_x", 0, 0),
         Err(StoreError::AccountExists(_))
     ));
+}
+
+#[test]
+fn uploads_in_progress_count_against_the_quota() {
+    let fixture = Fixture::new();
+    let store = fixture.open();
+    store.add_account("alice", 0, 25_000).unwrap();
+    // Two uploads of 10 000 bytes started and left hanging hold 20 000 bytes.
+    for n in [70, 71] {
+        store
+            .put_piece("alice", &id(n), 10_000, 0, &object(n, 100))
+            .unwrap();
+    }
+    let third = store
+        .put_piece("alice", &id(72), 10_000, 0, &object(72, 100))
+        .unwrap_err();
+    assert!(
+        matches!(third, StoreError::StoreFull { wanted: 30_000, .. }),
+        "{third}"
+    );
+}
+
+#[test]
+fn stray_partial_files_are_removed_when_the_store_opens() {
+    let fixture = Fixture::new();
+    {
+        let store = fixture.open();
+        store.add_account("alice", 0, 0).unwrap();
+        store
+            .put_piece("alice", &id(80), 10, 0, &object(80, 4))
+            .unwrap();
+    }
+    let dir = fixture.dir.path().join("partial/alice");
+    let stray = dir.join(format!("{}.part", id(81)));
+    std::fs::write(&stray, b"left by a crash").unwrap();
+    let store = fixture.open();
+    assert!(!stray.exists());
+    assert_eq!(
+        store.holding("alice", &id(80)).unwrap(),
+        Holding::Partial(4),
+        "a named upload stays"
+    );
 }
 
 #[test]
@@ -330,4 +384,64 @@ fn a_crash_between_append_and_index_leaves_only_dead_space() {
         store.read("alice", &id(50), 0, 100).unwrap().1,
         object(50, 100)
     );
+}
+
+#[test]
+fn commits_are_atomic_chained_and_refuse_missing_objects() {
+    let fixture = Fixture::new();
+    let store = fixture.open();
+    store.add_account("alice", 0, 0).unwrap();
+    store.add_account("bob", 0, 0).unwrap();
+    for n in 60..63 {
+        store
+            .put_piece("alice", &id(n), 10, 0, &object(n, 10))
+            .unwrap();
+    }
+    let manifest = id(60);
+    let missing = store
+        .commit("alice", &manifest, None, &[id(61), id(99)], 1)
+        .unwrap_err();
+    assert!(
+        matches!(&missing, StoreError::MissingReferences { count: 1, ids, .. } if ids == &[id(99)]),
+        "{missing}"
+    );
+    assert_eq!(
+        store.snapshots("alice", 0, 10).unwrap().head,
+        None,
+        "nothing was recorded"
+    );
+    assert_eq!(
+        store
+            .commit("alice", &manifest, None, &[id(61), id(62)], 100)
+            .unwrap(),
+        1
+    );
+    let stale = store.commit("alice", &id(61), None, &[], 200).unwrap_err();
+    assert!(matches!(stale, StoreError::StaleParent { head: Some(h), .. } if h == manifest));
+    assert_eq!(
+        store
+            .commit("alice", &id(61), Some(&manifest), &[id(62)], 200)
+            .unwrap(),
+        2
+    );
+    let page = store.snapshots("alice", 0, 1).unwrap();
+    assert_eq!(page.head, Some(id(61)));
+    assert_eq!(
+        page.entries,
+        vec![Snapshot {
+            id: manifest,
+            sequence: 1,
+            committed_at: 100
+        }]
+    );
+    assert!(page.more);
+    let rest = store.snapshots("alice", 2, 10).unwrap();
+    assert_eq!(rest.entries.len(), 1);
+    assert!(!rest.more);
+    // Bob sees none of it, and cannot commit alice's objects as his.
+    assert_eq!(store.snapshots("bob", 0, 10).unwrap().entries, vec![]);
+    assert!(matches!(
+        store.commit("bob", &id(60), None, &[], 1),
+        Err(StoreError::MissingReferences { .. })
+    ));
 }

@@ -1,0 +1,612 @@
+//! The store server: TLS 1.3 with client certificates from the store's CA, one
+//! protocol session per connection, and the object store behind it.
+//!
+//! The account of a connection is its certificate's common name; nothing a client
+//! sends can name another account. Revocation takes effect while the server runs:
+//! the CRL is re-read when it changes, new handshakes of a revoked certificate
+//! fail, and open sessions of it are closed before their next request.
+
+use std::collections::HashSet;
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime};
+
+use homing_crypto::ObjectId;
+use homing_transfer::proto::{
+    ClientMessage, FrameDecoder, MAX_FRAME_PAYLOAD, MAX_IDS_PER_FRAME, MAX_SNAPSHOTS_PER_FRAME,
+    ObjectState, PROTOCOL_VERSION, ProtocolError, ServerMessage, SnapshotEntry, WireError,
+};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+
+use crate::StoreError;
+use crate::backend::Backend;
+use crate::ca::Ca;
+use crate::objects::{Holding, ObjectStore, PutOutcome};
+
+/// The ALPN name of protocol version 1.
+pub const ALPN: &[u8] = b"homing/1";
+/// Connections served at once; more wait in the kernel's accept queue.
+pub const MAX_CONNECTIONS: usize = 256;
+/// Time a client has to finish its TLS handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// A connection silent for this long is closed. Clients send no keep-alives (they
+/// cost bytes on metered links); they reconnect, with TLS session resumption.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+/// The most ids one commit may reference (32 MiB of ids).
+pub const MAX_COMMIT_IDS: usize = 1 << 20;
+
+/// Everything that can stop the server from starting.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    /// A certificate, key or CRL file could not be read or parsed.
+    #[error("cannot load {}: {message}", path.display())]
+    Credentials {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// rustls refused the configuration.
+    #[error("TLS configuration failed: {0}")]
+    Tls(String),
+    /// The CA's register could not be read.
+    #[error(transparent)]
+    Ca(#[from] crate::ca::CaError),
+}
+
+/// A running store: the object store, its TLS configuration and the revoked serials.
+pub struct Server<B> {
+    dir: PathBuf,
+    store: ObjectStore<B>,
+    tls: RwLock<TlsState>,
+    crl_changed: Mutex<Option<SystemTime>>,
+}
+
+struct TlsState {
+    acceptor: TlsAcceptor,
+    revoked: Arc<HashSet<String>>,
+}
+
+impl<B: Backend + 'static> Server<B> {
+    /// Prepares a server for the store in `dir`.
+    ///
+    /// # Errors
+    /// If the certificates, key or CRL cannot be loaded.
+    pub fn new(dir: &Path, store: ObjectStore<B>) -> Result<Self, ServerError> {
+        let state = load_tls(dir)?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            store,
+            tls: RwLock::new(state),
+            crl_changed: Mutex::new(crl_stamp(dir)),
+        })
+    }
+
+    /// Serves connections from `listener` until `shutdown` completes; then stops
+    /// accepting and returns (sessions in progress end with their connections).
+    ///
+    /// # Errors
+    /// If accepting fails for good.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> io::Result<()> {
+        let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        let watcher = tokio::spawn(Arc::clone(&self).watch_revocations());
+        tokio::pin!(shutdown);
+        let result = loop {
+            let permit = tokio::select! {
+                () = &mut shutdown => break Ok(()),
+                permit = Arc::clone(&permits).acquire_owned() => permit.expect("the semaphore is never closed"),
+            };
+            let (tcp, peer) = tokio::select! {
+                () = &mut shutdown => break Ok(()),
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    // Out of file descriptors and the like: wait, then go on.
+                    Err(error) if is_transient(&error) => {
+                        tracing::warn!(%error, "accept failed; retrying");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                    Err(error) => break Err(error),
+                },
+            };
+            let server = Arc::clone(&self);
+            tokio::spawn(async move {
+                if let Err(error) = server.session(tcp, peer).await {
+                    tracing::info!(%peer, %error, "session ended");
+                }
+                drop(permit);
+            });
+        };
+        watcher.abort();
+        result
+    }
+
+    /// Re-reads the CRL when it changes, every two seconds.
+    async fn watch_revocations(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(2));
+        loop {
+            tick.tick().await;
+            self.reload_if_revoked();
+        }
+    }
+
+    fn reload_if_revoked(&self) {
+        let stamp = crl_stamp(&self.dir);
+        let mut seen = self.crl_changed.lock().unwrap_or_else(|p| p.into_inner());
+        if *seen == stamp {
+            return;
+        }
+        match load_tls(&self.dir) {
+            Ok(state) => {
+                tracing::info!(revoked = state.revoked.len(), "revocation list reloaded");
+                *self.tls.write().unwrap_or_else(|p| p.into_inner()) = state;
+                *seen = stamp;
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot reload the revocation list; keeping the old one")
+            }
+        }
+    }
+
+    fn is_revoked(&self, serial: &str) -> bool {
+        self.tls
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .revoked
+            .contains(serial)
+    }
+
+    async fn session(&self, tcp: TcpStream, peer: SocketAddr) -> Result<(), SessionError> {
+        tcp.set_nodelay(true)?;
+        self.reload_if_revoked();
+        let acceptor = self
+            .tls
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .acceptor
+            .clone();
+        let mut tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
+            .await
+            .map_err(|_| SessionError::Timeout("handshake"))??;
+        let client = {
+            let (_, connection) = tls.get_ref();
+            let certificate = connection
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .ok_or(SessionError::NoCertificate)?;
+            Client::from_certificate(certificate)?
+        };
+        tracing::info!(%peer, account = %client.account, serial = %client.serial, "session started");
+        let mut session = Session {
+            client,
+            greeted: false,
+            commit_ids: Vec::new(),
+        };
+        let mut decoder = FrameDecoder::new(MAX_FRAME_PAYLOAD);
+        let mut input = vec![0_u8; 64 * 1024];
+        let mut output = Vec::new();
+        loop {
+            let read = tokio::time::timeout(IDLE_TIMEOUT, tls.read(&mut input))
+                .await
+                .map_err(|_| SessionError::Timeout("idle"))??;
+            if read == 0 {
+                return Ok(());
+            }
+            decoder.push(&input[..read]);
+            let mut close = false;
+            loop {
+                if self.is_revoked(&session.client.serial) {
+                    return Err(SessionError::Revoked);
+                }
+                let frame = match decoder.next_frame() {
+                    Ok(Some(frame)) => frame,
+                    Ok(None) => break,
+                    Err(error) => {
+                        reply_malformed(&mut output, &error);
+                        close = true;
+                        break;
+                    }
+                };
+                let message = match ClientMessage::decode(frame) {
+                    Ok(message) => message,
+                    Err(error) => {
+                        reply_malformed(&mut output, &error);
+                        close = true;
+                        break;
+                    }
+                };
+                // Store calls sync files; they run on this worker thread without
+                // holding up the others.
+                let flow =
+                    tokio::task::block_in_place(|| self.handle(&mut session, message, &mut output));
+                if flow == Flow::Close {
+                    close = true;
+                    break;
+                }
+            }
+            if !output.is_empty() {
+                tls.write_all(&output).await?;
+                tls.flush().await?;
+                output.clear();
+            }
+            if close {
+                tls.shutdown().await?;
+                return Ok(());
+            }
+        }
+    }
+
+    fn handle(&self, session: &mut Session, message: ClientMessage<'_>, out: &mut Vec<u8>) -> Flow {
+        let account = session.client.account.clone();
+        if !session.greeted {
+            return match message {
+                ClientMessage::Hello {
+                    min_version,
+                    max_version,
+                } if (min_version..=max_version).contains(&PROTOCOL_VERSION) => {
+                    if let Err(error) = self.store.account(&account) {
+                        ServerMessage::Error(wire_error(&error)).encode(out);
+                        return Flow::Close;
+                    }
+                    session.greeted = true;
+                    ServerMessage::Welcome {
+                        version: PROTOCOL_VERSION,
+                        max_frame: MAX_FRAME_PAYLOAD as u32,
+                    }
+                    .encode(out);
+                    Flow::Continue
+                }
+                ClientMessage::Hello { .. } => {
+                    ServerMessage::Error(WireError::VersionMismatch {
+                        min: PROTOCOL_VERSION,
+                        max: PROTOCOL_VERSION,
+                    })
+                    .encode(out);
+                    Flow::Close
+                }
+                _ => {
+                    ServerMessage::Error(WireError::Malformed {
+                        message: "the first message must be Hello".into(),
+                    })
+                    .encode(out);
+                    Flow::Close
+                }
+            };
+        }
+        match message {
+            ClientMessage::Hello { .. } => {
+                ServerMessage::Error(WireError::Malformed {
+                    message: "Hello was sent twice".into(),
+                })
+                .encode(out);
+                return Flow::Close;
+            }
+            ClientMessage::Query { ids } => {
+                let states: Result<Vec<ObjectState>, StoreError> = ids
+                    .iter()
+                    .map(|id| {
+                        self.store.holding(&account, id).map(|h| match h {
+                            Holding::Stored => ObjectState::Stored,
+                            Holding::Missing => ObjectState::Missing,
+                            Holding::Partial(held) => ObjectState::Partial(held),
+                        })
+                    })
+                    .collect();
+                match states {
+                    Ok(states) => ServerMessage::Present { states }.encode(out),
+                    Err(error) => ServerMessage::Error(wire_error(&error)).encode(out),
+                }
+            }
+            ClientMessage::Put {
+                id,
+                total,
+                offset,
+                data,
+            } => {
+                let last = u64::from(offset) + data.len() as u64 == u64::from(total);
+                match self.store.put_piece(&account, &id, total, offset, data) {
+                    // One Stored per upload: for its last piece, even when the object
+                    // was stored already (by another client of the same account).
+                    Ok(PutOutcome::Stored) if last => ServerMessage::Stored { id }.encode(out),
+                    Ok(_) => {}
+                    Err(error) => ServerMessage::Refused {
+                        id,
+                        error: wire_error(&error),
+                    }
+                    .encode(out),
+                }
+            }
+            ClientMessage::CommitIds { ids } => {
+                if session.commit_ids.len() + ids.len() > MAX_COMMIT_IDS {
+                    ServerMessage::Error(WireError::Malformed {
+                        message: format!("a commit may reference at most {MAX_COMMIT_IDS} ids"),
+                    })
+                    .encode(out);
+                    return Flow::Close;
+                }
+                session.commit_ids.extend(ids);
+            }
+            ClientMessage::Commit {
+                manifest_id,
+                parent,
+                manifest,
+            } => {
+                let references = std::mem::take(&mut session.commit_ids);
+                // A commit on a stale head is refused before its manifest is stored:
+                // the client must build a new one. (Commit checks again, atomically.)
+                let result = self
+                    .store
+                    .snapshots(&account, u64::MAX, 0)
+                    .and_then(|page| {
+                        if page.head == parent {
+                            Ok(())
+                        } else {
+                            Err(StoreError::StaleParent {
+                                account: account.clone(),
+                                head: page.head,
+                            })
+                        }
+                    })
+                    .and_then(|()| {
+                        u32::try_from(manifest.len()).map_err(|_| StoreError::TooLarge {
+                            id: manifest_id,
+                            len: manifest.len() as u64,
+                            limit: u64::from(u32::MAX),
+                        })
+                    })
+                    .and_then(|len| {
+                        self.store
+                            .put_piece(&account, &manifest_id, len, 0, manifest)
+                    })
+                    .and_then(|_| {
+                        self.store.commit(
+                            &account,
+                            &manifest_id,
+                            parent.as_ref(),
+                            &references,
+                            unix_now(),
+                        )
+                    });
+                match result {
+                    Ok(sequence) => ServerMessage::Committed {
+                        head: manifest_id,
+                        sequence,
+                    }
+                    .encode(out),
+                    Err(error) => ServerMessage::Error(wire_error(&error)).encode(out),
+                }
+            }
+            ClientMessage::List { from } => {
+                match self
+                    .store
+                    .snapshots(&account, from, MAX_SNAPSHOTS_PER_FRAME)
+                {
+                    Ok(page) => ServerMessage::Snapshots {
+                        head: page.head,
+                        entries: page
+                            .entries
+                            .iter()
+                            .map(|s| SnapshotEntry {
+                                id: s.id,
+                                sequence: s.sequence,
+                                committed_at: s.committed_at,
+                            })
+                            .collect(),
+                        more: page.more,
+                    }
+                    .encode(out),
+                    Err(error) => ServerMessage::Error(wire_error(&error)).encode(out),
+                }
+            }
+            ClientMessage::Get { id, offset, len } => {
+                match self.store.read(&account, &id, offset, len) {
+                    Ok((total, data)) => ServerMessage::Object {
+                        id,
+                        total,
+                        offset,
+                        data: &data,
+                    }
+                    .encode(out),
+                    Err(error) => ServerMessage::Error(wire_error(&error)).encode(out),
+                }
+            }
+            ClientMessage::Usage => match self.store.account(&account) {
+                Ok(info) => {
+                    let snapshots = self
+                        .store
+                        .snapshots(&account, 0, usize::MAX)
+                        .map_or(0, |p| p.entries.len() as u64);
+                    ServerMessage::UsageReport {
+                        used: info.used,
+                        objects: info.objects,
+                        snapshots,
+                        soft_limit: info.soft_limit,
+                        hard_limit: info.hard_limit,
+                    }
+                    .encode(out);
+                }
+                Err(error) => ServerMessage::Error(wire_error(&error)).encode(out),
+            },
+            ClientMessage::Bye => return Flow::Close,
+        }
+        Flow::Continue
+    }
+}
+
+/// What a session knows of its client.
+struct Client {
+    account: String,
+    serial: String,
+}
+
+impl Client {
+    fn from_certificate(certificate: &CertificateDer<'_>) -> Result<Self, SessionError> {
+        let (_, parsed) = x509_parser::parse_x509_certificate(certificate.as_ref())
+            .map_err(|_| SessionError::BadCertificate("it does not parse"))?;
+        let account = parsed
+            .subject()
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+            .ok_or(SessionError::BadCertificate("it has no common name"))?
+            .to_string();
+        crate::objects::check_account_name(&account)
+            .map_err(|_| SessionError::BadCertificate("its common name is not an account name"))?;
+        let serial = parsed
+            .tbs_certificate
+            .raw_serial()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        Ok(Self { account, serial })
+    }
+}
+
+/// One connection's protocol state.
+struct Session {
+    client: Client,
+    greeted: bool,
+    commit_ids: Vec<ObjectId>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flow {
+    Continue,
+    Close,
+}
+
+/// Why a session ended early.
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("connection: {0}")]
+    Io(#[from] io::Error),
+    #[error("{0} timed out")]
+    Timeout(&'static str),
+    #[error("no client certificate")]
+    NoCertificate,
+    #[error("unusable client certificate: {0}")]
+    BadCertificate(&'static str),
+    #[error("the client's certificate was revoked")]
+    Revoked,
+}
+
+fn reply_malformed(out: &mut Vec<u8>, error: &ProtocolError) {
+    ServerMessage::Error(WireError::Malformed {
+        message: error.to_string(),
+    })
+    .encode(out);
+}
+
+/// What the client is told about a store error: typed where the client can act.
+fn wire_error(error: &StoreError) -> WireError {
+    match error {
+        StoreError::StoreFull { used, limit, .. } => WireError::StoreFull {
+            used: *used,
+            limit: *limit,
+        },
+        StoreError::UnknownAccount(_)
+        | StoreError::AccountDisabled(_)
+        | StoreError::InvalidAccount(_) => WireError::NotAuthorised,
+        StoreError::ObjectMissing { id, .. } => WireError::ObjectMissing { id: *id },
+        StoreError::OffsetMismatch { id, held } => WireError::OffsetMismatch {
+            id: *id,
+            held: *held,
+        },
+        StoreError::MissingReferences { ids, .. } => WireError::MissingReferences {
+            ids: ids.iter().take(MAX_IDS_PER_FRAME).copied().collect(),
+        },
+        StoreError::StaleParent { head, .. } => WireError::StaleParent { head: *head },
+        StoreError::TooLarge { .. }
+        | StoreError::LengthMismatch { .. }
+        | StoreError::AccountExists(_) => WireError::Malformed {
+            message: error.to_string(),
+        },
+        // Damage, disk and index failures: the client may try again later.
+        _ => WireError::Internal {
+            message: error.to_string(),
+        },
+    }
+}
+
+fn load_tls(dir: &Path) -> Result<TlsState, ServerError> {
+    let load_error = |path: &Path| {
+        let path = path.to_path_buf();
+        move |e: rustls::pki_types::pem::Error| ServerError::Credentials {
+            path,
+            message: e.to_string(),
+        }
+    };
+    let ca_path = dir.join("ca/ca.crt");
+    let crl_path = dir.join("ca/crl.pem");
+    let cert_path = dir.join("server.crt");
+    let key_path = dir.join("server.key");
+    let ca = CertificateDer::from_pem_file(&ca_path).map_err(load_error(&ca_path))?;
+    let crl =
+        CertificateRevocationListDer::from_pem_file(&crl_path).map_err(load_error(&crl_path))?;
+    let chain = CertificateDer::pem_file_iter(&cert_path)
+        .map_err(load_error(&cert_path))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(load_error(&cert_path))?;
+    let key = PrivateKeyDer::from_pem_file(&key_path).map_err(load_error(&key_path))?;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca).map_err(|e| ServerError::Tls(e.to_string()))?;
+    let verifier = WebPkiClientVerifier::builder(Arc::new(roots))
+        .with_crls([crl])
+        .build()
+        .map_err(|e| ServerError::Tls(e.to_string()))?;
+    let mut config =
+        rustls::ServerConfig::builder_with_protocol_versions(&[&rustls::version::TLS13])
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain, key)
+            .map_err(|e| ServerError::Tls(e.to_string()))?;
+    config.alpn_protocols = vec![ALPN.to_vec()];
+    // Tickets let a reconnecting laptop resume without a full handshake.
+    config.ticketer =
+        rustls::crypto::aws_lc_rs::Ticketer::new().map_err(|e| ServerError::Tls(e.to_string()))?;
+    let revoked = Ca::open(dir)?
+        .issued()?
+        .into_iter()
+        .filter(|i| i.revoked)
+        .map(|i| i.serial)
+        .collect();
+    Ok(TlsState {
+        acceptor: TlsAcceptor::from(Arc::new(config)),
+        revoked: Arc::new(revoked),
+    })
+}
+
+fn crl_stamp(dir: &Path) -> Option<SystemTime> {
+    std::fs::metadata(dir.join("ca/crl.pem"))
+        .and_then(|m| m.modified())
+        .ok()
+}
+
+fn is_transient(error: &io::Error) -> bool {
+    matches!(
+        error.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::Interrupted
+    ) || error
+        .raw_os_error()
+        .is_some_and(|code| code == 23 || code == 24) // ENFILE, EMFILE
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}

@@ -1,0 +1,605 @@
+//! `homing-store serve`: a real server process, real certificates from its CA, TLS
+//! 1.3 over loopback, and a client speaking the wire protocol.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use homing_crypto::ObjectId;
+use homing_e2e::binary;
+use homing_transfer::proto::{
+    ClientMessage, Frame, FrameDecoder, MAX_FRAME_PAYLOAD, ObjectState, ServerMessage, WireError,
+};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+
+/// A store directory with accounts alice and bob and their credentials.
+struct Store {
+    home: tempfile::TempDir,
+    dir: PathBuf,
+}
+
+impl Store {
+    fn new() -> Self {
+        let home = tempfile::tempdir().expect("a temporary directory");
+        let dir = home.path().join("store");
+        let d = dir.to_str().expect("UTF-8 path").to_string();
+        run(&["init", &d]);
+        for account in ["alice", "bob"] {
+            run(&["account", "add", account, "--store", &d, "--hard", "1M"]);
+            let prefix = home.path().join(account);
+            run(&[
+                "ca",
+                "issue",
+                account,
+                "--store",
+                &d,
+                "--out",
+                prefix.to_str().expect("UTF-8"),
+            ]);
+        }
+        Self { home, dir }
+    }
+
+    fn credentials(&self, account: &str) -> PathBuf {
+        self.home.path().join(account)
+    }
+
+    fn start(&self) -> Server {
+        let mut child = Command::new(binary("homing-store"))
+            .args([
+                "serve",
+                "--store",
+                self.dir.to_str().expect("UTF-8"),
+                "--listen",
+                "127.0.0.1:0",
+            ])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("homing-store serve starts");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout is piped"))
+            .read_line(&mut line)
+            .expect("the server says where it listens");
+        let address = line
+            .trim()
+            .strip_prefix("listening on ")
+            .expect("listening on ADDR")
+            .parse()
+            .expect("an address");
+        Server { child, address }
+    }
+}
+
+fn run(args: &[&str]) -> String {
+    let out = Command::new(binary("homing-store"))
+        .args(args)
+        .output()
+        .expect("homing-store runs");
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+struct Server {
+    child: Child,
+    address: SocketAddr,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A client connection speaking the protocol.
+struct Connection {
+    tls: TlsStream<TcpStream>,
+    decoder: FrameDecoder,
+}
+
+fn client_config(credentials: &Path, ca: &Path) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_file(ca).expect("CA certificate"))
+        .expect("a CA certificate");
+    let with = |suffix: &str| {
+        let mut name = credentials.as_os_str().to_owned();
+        name.push(suffix);
+        PathBuf::from(name)
+    };
+    let chain = vec![CertificateDer::from_pem_file(with(".crt")).expect("client certificate")];
+    let key = PrivateKeyDer::from_pem_file(with(".key")).expect("client key");
+    let mut config =
+        rustls::ClientConfig::builder_with_protocol_versions(&[&rustls::version::TLS13])
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .expect("a valid client certificate");
+    config.alpn_protocols = vec![b"homing/1".to_vec()];
+    Arc::new(config)
+}
+
+impl Connection {
+    async fn open(address: SocketAddr, config: Arc<rustls::ClientConfig>) -> std::io::Result<Self> {
+        let tcp = TcpStream::connect(address).await?;
+        let name = ServerName::try_from("localhost").expect("a valid name");
+        let mut tls = tokio_rustls::TlsConnector::from(config)
+            .connect(name, tcp)
+            .await?;
+        // TLS 1.3 client authentication fails after the client's handshake ends;
+        // the Hello round trip is what shows whether the server accepted us.
+        let mut hello = Vec::new();
+        ClientMessage::Hello {
+            min_version: 1,
+            max_version: 1,
+        }
+        .encode(&mut hello);
+        tls.write_all(&hello).await?;
+        let mut connection = Self {
+            tls,
+            decoder: FrameDecoder::new(MAX_FRAME_PAYLOAD),
+        };
+        let welcomed = connection
+            .receive(|m| matches!(m, ServerMessage::Welcome { version: 1, .. }))
+            .await?;
+        if !welcomed {
+            return Err(std::io::Error::other("no Welcome"));
+        }
+        Ok(connection)
+    }
+
+    async fn send(&mut self, messages: &[ClientMessage<'_>]) -> std::io::Result<()> {
+        let mut bytes = Vec::new();
+        for message in messages {
+            message.encode(&mut bytes);
+        }
+        self.tls.write_all(&bytes).await?;
+        self.tls.flush().await
+    }
+
+    async fn receive<T>(&mut self, f: impl FnOnce(ServerMessage<'_>) -> T) -> std::io::Result<T> {
+        loop {
+            if let Some(frame) = self.decoder.next_frame().map_err(std::io::Error::other)? {
+                let frame = Frame {
+                    kind: frame.kind,
+                    payload: frame.payload,
+                };
+                let message = ServerMessage::decode(frame).map_err(std::io::Error::other)?;
+                return Ok(f(message));
+            }
+            let mut buffer = [0_u8; 16 * 1024];
+            let read = tokio::time::timeout(Duration::from_secs(20), self.tls.read(&mut buffer))
+                .await
+                .map_err(|_| std::io::Error::other("no reply within 20 s"))??;
+            if read == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            self.decoder.push(&buffer[..read]);
+        }
+    }
+}
+
+fn id(n: u8) -> ObjectId {
+    ObjectId::from_bytes([n; 32])
+}
+
+fn object(n: u8, len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i as u8) ^ n).collect()
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime")
+}
+
+#[test]
+fn upload_query_read_commit_list_over_mutual_tls() {
+    let store = Store::new();
+    let server = store.start();
+    let config = client_config(&store.credentials("alice"), &store.dir.join("ca/ca.crt"));
+    runtime().block_on(async {
+        let mut c = Connection::open(server.address, config)
+            .await
+            .expect("alice connects");
+        let objects: Vec<(ObjectId, Vec<u8>)> = (1..=20)
+            .map(|n| (id(n), object(n, 1000 + usize::from(n) * 100)))
+            .collect();
+        // Pipelined: every object in pieces, one write, then the replies.
+        let mut messages = vec![ClientMessage::Query {
+            ids: objects.iter().map(|(i, _)| *i).collect(),
+        }];
+        for (object_id, bytes) in &objects {
+            let total = bytes.len() as u32;
+            for (k, piece) in bytes.chunks(700).enumerate() {
+                messages.push(ClientMessage::Put {
+                    id: *object_id,
+                    total,
+                    offset: (k * 700) as u32,
+                    data: piece,
+                });
+            }
+        }
+        c.send(&messages).await.unwrap();
+        let states = c
+            .receive(|m| match m {
+                ServerMessage::Present { states } => states,
+                other => panic!("{other:?}"),
+            })
+            .await
+            .unwrap();
+        assert!(states.iter().all(|s| *s == ObjectState::Missing));
+        for (object_id, _) in &objects {
+            let stored = c
+                .receive(|m| match m {
+                    ServerMessage::Stored { id } => id,
+                    other => panic!("{other:?}"),
+                })
+                .await
+                .unwrap();
+            assert_eq!(stored, *object_id, "one Stored per object, in upload order");
+        }
+        // Read every object back, byte for byte.
+        for (object_id, bytes) in &objects {
+            c.send(&[ClientMessage::Get {
+                id: *object_id,
+                offset: 0,
+                len: 100_000,
+            }])
+            .await
+            .unwrap();
+            let got = c
+                .receive(|m| match m {
+                    ServerMessage::Object { data, total, .. } => (total, data.to_vec()),
+                    other => panic!("{other:?}"),
+                })
+                .await
+                .unwrap();
+            assert_eq!(got, (bytes.len() as u32, bytes.clone()));
+        }
+        // Commit a snapshot referencing them all; a second commit must follow the head.
+        let ids: Vec<ObjectId> = objects.iter().map(|(i, _)| *i).collect();
+        c.send(&[
+            ClientMessage::CommitIds { ids: ids.clone() },
+            ClientMessage::Commit {
+                manifest_id: id(200),
+                parent: None,
+                manifest: b"sealed manifest",
+            },
+            ClientMessage::Commit {
+                manifest_id: id(201),
+                parent: None,
+                manifest: b"stale",
+            },
+            ClientMessage::CommitIds { ids: vec![id(99)] },
+            ClientMessage::Commit {
+                manifest_id: id(202),
+                parent: Some(id(200)),
+                manifest: b"next",
+            },
+            ClientMessage::List { from: 0 },
+            ClientMessage::Usage,
+        ])
+        .await
+        .unwrap();
+        let committed = c
+            .receive(|m| match m {
+                ServerMessage::Committed { head, sequence } => (head, sequence),
+                other => panic!("{other:?}"),
+            })
+            .await
+            .unwrap();
+        assert_eq!(committed, (id(200), 1));
+        let stale = c
+            .receive(|m| match m {
+                ServerMessage::Error(WireError::StaleParent { head }) => head,
+                other => panic!("{other:?}"),
+            })
+            .await
+            .unwrap();
+        assert_eq!(stale, Some(id(200)));
+        let missing = c
+            .receive(|m| match m {
+                ServerMessage::Error(WireError::MissingReferences { ids }) => ids,
+                other => panic!("{other:?}"),
+            })
+            .await
+            .unwrap();
+        assert_eq!(missing, vec![id(99)]);
+        let listed = c
+            .receive(|m| match m {
+                ServerMessage::Snapshots {
+                    head,
+                    entries,
+                    more,
+                } => (head, entries.len(), more),
+                other => panic!("{other:?}"),
+            })
+            .await
+            .unwrap();
+        assert_eq!(listed, (Some(id(200)), 1, false));
+        let used = c
+            .receive(|m| match m {
+                ServerMessage::UsageReport {
+                    used,
+                    objects,
+                    snapshots,
+                    ..
+                } => (used, objects, snapshots),
+                other => panic!("{other:?}"),
+            })
+            .await
+            .unwrap();
+        let expected: u64 = objects.iter().map(|(_, b)| b.len() as u64).sum::<u64>() + 15 + 4;
+        assert_eq!(used, (expected, 22, 1));
+    });
+}
+
+#[test]
+fn a_cut_upload_resumes_at_the_offset_the_server_confirms_even_after_kill_9() {
+    let store = Store::new();
+    let config = client_config(&store.credentials("alice"), &store.dir.join("ca/ca.crt"));
+    let bytes = object(7, 200_000);
+    let mut server = store.start();
+    runtime().block_on(async {
+        let mut c = Connection::open(server.address, Arc::clone(&config))
+            .await
+            .unwrap();
+        let pieces: Vec<ClientMessage<'_>> = bytes[..120_000]
+            .chunks(10_000)
+            .enumerate()
+            .map(|(k, data)| ClientMessage::Put {
+                id: id(7),
+                total: 200_000,
+                offset: (k * 10_000) as u32,
+                data,
+            })
+            .collect();
+        c.send(&pieces).await.unwrap();
+        // Make sure the server took them: a Query is answered after the pieces.
+        c.send(&[ClientMessage::Query { ids: vec![id(7)] }])
+            .await
+            .unwrap();
+        let state = c
+            .receive(|m| match m {
+                ServerMessage::Present { states } => states[0],
+                other => panic!("{other:?}"),
+            })
+            .await
+            .unwrap();
+        assert_eq!(state, ObjectState::Partial(120_000));
+        // The connection is cut: dropped without a word.
+    });
+    // The server dies without warning and comes back.
+    server.child.kill().unwrap();
+    server.child.wait().unwrap();
+    let server = store.start();
+    runtime().block_on(async {
+        let mut c = Connection::open(server.address, config).await.unwrap();
+        c.send(&[ClientMessage::Query { ids: vec![id(7)] }])
+            .await
+            .unwrap();
+        let state = c
+            .receive(|m| match m {
+                ServerMessage::Present { states } => states[0],
+                other => panic!("{other:?}"),
+            })
+            .await
+            .unwrap();
+        let ObjectState::Partial(held) = state else {
+            panic!("{state:?}")
+        };
+        assert_eq!(held, 120_000, "nothing taken was lost");
+        // A piece from the start again is refused with the offset to resume at.
+        c.send(&[ClientMessage::Put {
+            id: id(7),
+            total: 200_000,
+            offset: 0,
+            data: &bytes[..10],
+        }])
+        .await
+        .unwrap();
+        let refused = c
+            .receive(|m| match m {
+                ServerMessage::Refused {
+                    error: WireError::OffsetMismatch { held, .. },
+                    ..
+                } => held,
+                other => panic!("{other:?}"),
+            })
+            .await
+            .unwrap();
+        assert_eq!(refused, 120_000);
+        let rest: Vec<ClientMessage<'_>> = bytes[120_000..]
+            .chunks(10_000)
+            .enumerate()
+            .map(|(k, data)| ClientMessage::Put {
+                id: id(7),
+                total: 200_000,
+                offset: (120_000 + k * 10_000) as u32,
+                data,
+            })
+            .collect();
+        c.send(&rest).await.unwrap();
+        c.receive(|m| assert!(matches!(m, ServerMessage::Stored { .. }), "{m:?}"))
+            .await
+            .unwrap();
+        let mut back = Vec::new();
+        for offset in (0..200_000).step_by(65_536) {
+            c.send(&[ClientMessage::Get {
+                id: id(7),
+                offset,
+                len: 65_536,
+            }])
+            .await
+            .unwrap();
+            back.extend(
+                c.receive(|m| match m {
+                    ServerMessage::Object { data, .. } => data.to_vec(),
+                    other => panic!("{other:?}"),
+                })
+                .await
+                .unwrap(),
+            );
+        }
+        assert_eq!(back, bytes);
+    });
+}
+
+#[test]
+fn accounts_are_isolated_and_bad_certificates_are_refused() {
+    let store = Store::new();
+    let server = store.start();
+    let ca = store.dir.join("ca/ca.crt");
+    let alice = client_config(&store.credentials("alice"), &ca);
+    let bob = client_config(&store.credentials("bob"), &ca);
+    // A client whose certificate comes from another store's CA.
+    let other = Store::new();
+    let foreign = client_config(&other.credentials("alice"), &ca);
+    runtime().block_on(async {
+        let mut a = Connection::open(server.address, Arc::clone(&alice))
+            .await
+            .unwrap();
+        a.send(&[ClientMessage::Put {
+            id: id(9),
+            total: 3,
+            offset: 0,
+            data: b"abc",
+        }])
+        .await
+        .unwrap();
+        a.receive(|m| assert!(matches!(m, ServerMessage::Stored { .. })))
+            .await
+            .unwrap();
+
+        let mut b = Connection::open(server.address, bob).await.unwrap();
+        b.send(&[
+            ClientMessage::Query { ids: vec![id(9)] },
+            ClientMessage::Get {
+                id: id(9),
+                offset: 0,
+                len: 3,
+            },
+        ])
+        .await
+        .unwrap();
+        let state = b
+            .receive(|m| match m {
+                ServerMessage::Present { states } => states[0],
+                other => panic!("{other:?}"),
+            })
+            .await
+            .unwrap();
+        assert_eq!(state, ObjectState::Missing, "bob cannot see alice's object");
+        b.receive(|m| {
+            assert!(
+                matches!(m, ServerMessage::Error(WireError::ObjectMissing { .. })),
+                "{m:?}"
+            )
+        })
+        .await
+        .unwrap();
+
+        assert!(
+            Connection::open(server.address, foreign).await.is_err(),
+            "a foreign CA's certificate is refused"
+        );
+
+        // No client certificate at all.
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_file(&ca).unwrap())
+            .unwrap();
+        let anonymous =
+            rustls::ClientConfig::builder_with_protocol_versions(&[&rustls::version::TLS13])
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+        assert!(
+            Connection::open(server.address, Arc::new(anonymous))
+                .await
+                .is_err(),
+            "no certificate, no session"
+        );
+
+        // Revocation while the server runs: the open session is closed and new
+        // handshakes fail.
+        run(&[
+            "ca",
+            "revoke",
+            "alice",
+            "--store",
+            store.dir.to_str().unwrap(),
+        ]);
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        a.send(&[ClientMessage::Usage]).await.ok();
+        assert!(
+            a.receive(|_| ()).await.is_err(),
+            "the revoked session is closed"
+        );
+        assert!(
+            Connection::open(server.address, alice).await.is_err(),
+            "a revoked certificate is refused"
+        );
+    });
+}
+
+#[test]
+fn hostile_bytes_end_only_their_own_session() {
+    let store = Store::new();
+    let server = store.start();
+    let config = client_config(&store.credentials("alice"), &store.dir.join("ca/ca.crt"));
+    runtime().block_on(async {
+        // A frame that claims 2^63 bytes.
+        let mut c = Connection::open(server.address, Arc::clone(&config))
+            .await
+            .unwrap();
+        c.tls
+            .write_all(&[
+                0x03, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x01,
+            ])
+            .await
+            .unwrap();
+        c.receive(|m| {
+            assert!(
+                matches!(m, ServerMessage::Error(WireError::Malformed { .. })),
+                "{m:?}"
+            )
+        })
+        .await
+        .unwrap();
+        assert!(c.receive(|_| ()).await.is_err(), "then the server closes");
+        // Garbage.
+        let mut c = Connection::open(server.address, Arc::clone(&config))
+            .await
+            .unwrap();
+        c.tls.write_all(&[0x7e; 300]).await.unwrap();
+        c.receive(|m| assert!(matches!(m, ServerMessage::Error(_)), "{m:?}"))
+            .await
+            .unwrap();
+        // Raw TCP that never speaks TLS, many times over: the server stays up.
+        let mut idle = Vec::new();
+        for _ in 0..200 {
+            idle.push(TcpStream::connect(server.address).await.unwrap());
+        }
+        let mut c = Connection::open(server.address, config)
+            .await
+            .expect("the server still serves");
+        c.send(&[ClientMessage::Usage]).await.unwrap();
+        c.receive(|m| assert!(matches!(m, ServerMessage::UsageReport { .. })))
+            .await
+            .unwrap();
+        drop(idle);
+    });
+}

@@ -123,7 +123,7 @@ enum CaCommand {
 enum AccountCommand {
     /// Create an account.
     Add {
-        /// The account name (1-64 of letters, digits, '.', '_', '-').
+        /// The account name (1-64 of lower-case letters, digits, '.', '_', '-').
         name: String,
         #[command(flatten)]
         store: StoreArg,

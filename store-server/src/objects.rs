@@ -307,7 +307,9 @@ impl<B: Backend> ObjectStore<B> {
         references: &[ObjectId],
         committed_at: u64,
     ) -> Result<u64, StoreError> {
-        self.account(account)?;
+        if self.account(account)?.disabled {
+            return Err(StoreError::AccountDisabled(account.to_string()));
+        }
         let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let txn = self.db.begin_write().map_err(index)?;
         let sequence = {
@@ -546,6 +548,138 @@ impl<B: Backend> ObjectStore<B> {
         Ok(PutOutcome::Stored)
     }
 
+    /// Stores objects that arrived whole, together: one append and sync of the
+    /// segment and one index transaction for all of them (group commit), instead of
+    /// a partial file and several syncs each. Returns one result per object, in
+    /// order (an object with an upload in progress gets `OffsetMismatch`, so that
+    /// it continues piece by piece).
+    ///
+    /// # Errors
+    /// A failure that concerns the whole batch (unknown or disabled account, the
+    /// backend, the index): nothing of the batch is stored then.
+    pub fn put_whole(
+        &self,
+        account: &str,
+        objects: &[(ObjectId, &[u8])],
+    ) -> Result<Vec<Result<PutOutcome, StoreError>>, StoreError> {
+        let info = self.account(account)?;
+        if info.disabled {
+            return Err(StoreError::AccountDisabled(account.to_string()));
+        }
+        let mut results: Vec<Option<Result<PutOutcome, StoreError>>> =
+            Vec::with_capacity(objects.len());
+        results.resize_with(objects.len(), || None);
+        // Sort out what is stored already, too large, or in progress piece by piece.
+        let mut candidates = Vec::new();
+        {
+            let txn = self.db.begin_read().map_err(index)?;
+            let stored = txn.open_table(OBJECTS).map_err(index)?;
+            let partials = txn.open_table(PARTIALS).map_err(index)?;
+            for (i, (id, data)) in objects.iter().enumerate() {
+                let key = key(account, id);
+                if data.len() > MAX_OBJECT_LEN as usize {
+                    results[i] = Some(Err(StoreError::TooLarge {
+                        id: *id,
+                        len: data.len() as u64,
+                        limit: u64::from(MAX_OBJECT_LEN),
+                    }));
+                } else if stored.get(key.as_slice()).map_err(index)?.is_some()
+                    || candidates
+                        .iter()
+                        .any(|&(j, _): &(usize, Vec<u8>)| objects[j].0 == *id)
+                {
+                    results[i] = Some(Ok(PutOutcome::Stored));
+                } else if partials.get(key.as_slice()).map_err(index)?.is_some() {
+                    results[i] = Some(Err(StoreError::OffsetMismatch {
+                        id: *id,
+                        held: self.partial_len(account, id)?,
+                    }));
+                } else {
+                    candidates.push((i, key));
+                }
+            }
+        }
+        if candidates.is_empty() {
+            return Ok(results
+                .into_iter()
+                .map(|r| r.expect("every object has a result"))
+                .collect());
+        }
+        let mut writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let mut info = self.account(account)?;
+        let pending = self.pending(account)?;
+        // Take objects in order while they fit under the hard quota.
+        let mut accepted = Vec::new();
+        let mut wanted = 0_u64;
+        for (i, key) in candidates {
+            let len = objects[i].1.len() as u64;
+            let fits =
+                info.hard_limit == 0 || info.used + pending + wanted + len <= info.hard_limit;
+            if fits {
+                wanted += len;
+                accepted.push((i, key));
+            } else {
+                results[i] = Some(Err(StoreError::StoreFull {
+                    account: account.to_string(),
+                    used: info.used + pending + wanted,
+                    limit: info.hard_limit,
+                    wanted: len,
+                }));
+            }
+        }
+        if !accepted.is_empty() {
+            let mut buffer = Vec::with_capacity(wanted as usize);
+            for (i, _) in &accepted {
+                buffer.extend_from_slice(objects[*i].1);
+            }
+            if writer.len >= SEGMENT_TARGET {
+                writer.segment += 1;
+                writer.len = 0;
+            }
+            let base = match self.backend.append(writer.segment, &buffer) {
+                Ok(offset) => offset,
+                Err(error) => {
+                    let _ = self.backend.truncate(writer.segment, writer.len);
+                    return Err(error.into());
+                }
+            };
+            writer.len = base + buffer.len() as u64;
+            let txn = self.db.begin_write().map_err(index)?;
+            {
+                let mut table = txn.open_table(OBJECTS).map_err(index)?;
+                let mut offset = base;
+                for (i, key) in &accepted {
+                    let data = objects[*i].1;
+                    let record = Record {
+                        segment: writer.segment,
+                        offset,
+                        len: u32::try_from(data.len()).expect("bounded by MAX_OBJECT_LEN"),
+                        checksum: *blake3::hash(data).as_bytes(),
+                    };
+                    table
+                        .insert(key.as_slice(), encode_record(&record).as_slice())
+                        .map_err(index)?;
+                    offset += data.len() as u64;
+                }
+                info.used += wanted;
+                info.objects += accepted.len() as u64;
+                txn.open_table(ACCOUNTS)
+                    .map_err(index)?
+                    .insert(account, encode_account(&info).as_slice())
+                    .map_err(index)?;
+            }
+            txn.commit().map_err(index)?;
+            for (i, _) in accepted {
+                results[i] = Some(Ok(PutOutcome::Stored));
+            }
+        }
+        drop(writer);
+        Ok(results
+            .into_iter()
+            .map(|r| r.expect("every object has a result"))
+            .collect())
+    }
+
     /// Reads `len` bytes at `offset` of an object, after checking the whole object
     /// against the checksum taken when it was stored. Returns the object's length too.
     ///
@@ -572,7 +706,14 @@ impl<B: Backend> ObjectStore<B> {
                 offset: record.offset,
             });
         }
-        let start = (offset as usize).min(bytes.len());
+        if offset > record.len {
+            return Err(StoreError::LengthMismatch {
+                id: *id,
+                expected: u64::from(record.len),
+                got: u64::from(offset),
+            });
+        }
+        let start = offset as usize;
         let end = start.saturating_add(len as usize).min(bytes.len());
         Ok((record.len, bytes[start..end].to_vec()))
     }
@@ -796,6 +937,9 @@ impl<B: Backend> ObjectStore<B> {
         let partials = txn.open_table(PARTIALS).map_err(index)?;
         for account in fs::read_dir(&root).map_err(io(&root))? {
             let account = account.map_err(io(&root))?;
+            if !account.file_type().map_err(io(&root))?.is_dir() {
+                continue; // not ours; left alone
+            }
             let Some(name) = account.file_name().to_str().map(str::to_string) else {
                 continue;
             };

@@ -40,6 +40,10 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// A connection silent for this long is closed. Clients send no keep-alives (they
 /// cost bytes on metered links); they reconnect, with TLS session resumption.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+/// Bytes of whole objects batched before they are stored together.
+const MAX_BATCH: usize = 8 * 1024 * 1024;
+/// Replies held before they are written, per connection.
+const MAX_PENDING_OUTPUT: usize = 1024 * 1024;
 /// The most ids one commit may reference (32 MiB of ids).
 pub const MAX_COMMIT_IDS: usize = 1 << 20;
 
@@ -67,6 +71,9 @@ pub enum ServerError {
 pub struct Server<B> {
     dir: PathBuf,
     store: ObjectStore<B>,
+    /// One ticket key set for the server's life: reloading the CRL must not throw
+    /// away every laptop's ticket (each would pay a full handshake again).
+    ticketer: Arc<dyn rustls::server::ProducesTickets>,
     tls: RwLock<TlsState>,
     crl_changed: Mutex<Option<SystemTime>>,
 }
@@ -82,17 +89,23 @@ impl<B: Backend + 'static> Server<B> {
     /// # Errors
     /// If the certificates, key or CRL cannot be loaded.
     pub fn new(dir: &Path, store: ObjectStore<B>) -> Result<Self, ServerError> {
-        let state = load_tls(dir)?;
+        let ticketer = rustls::crypto::aws_lc_rs::Ticketer::new()
+            .map_err(|e| ServerError::Tls(e.to_string()))?;
+        let state = load_tls(dir, &ticketer)?;
         Ok(Self {
             dir: dir.to_path_buf(),
             store,
+            ticketer,
             tls: RwLock::new(state),
             crl_changed: Mutex::new(crl_stamp(dir)),
         })
     }
 
     /// Serves connections from `listener` until `shutdown` completes; then stops
-    /// accepting and returns (sessions in progress end with their connections).
+    /// accepting and returns. Sessions in progress are not waited for: when the
+    /// process ends they are cut, and clients resume their uploads on reconnecting.
+    ///
+    /// Needs tokio's multi-threaded runtime: store calls run in `block_in_place`.
     ///
     /// # Errors
     /// If accepting fails for good.
@@ -149,7 +162,7 @@ impl<B: Backend + 'static> Server<B> {
         if *seen == stamp {
             return;
         }
-        match load_tls(&self.dir) {
+        match load_tls(&self.dir, &self.ticketer) {
             Ok(state) => {
                 tracing::info!(revoked = state.revoked.len(), "revocation list reloaded");
                 *self.tls.write().unwrap_or_else(|p| p.into_inner()) = state;
@@ -194,15 +207,32 @@ impl<B: Backend + 'static> Server<B> {
             client,
             greeted: false,
             commit_ids: Vec::new(),
+            batch: Vec::new(),
+            batch_bytes: 0,
         };
         let mut decoder = FrameDecoder::new(MAX_FRAME_PAYLOAD);
-        let mut input = vec![0_u8; 64 * 1024];
+        let mut input = vec![0_u8; 256 * 1024];
         let mut output = Vec::new();
         loop {
-            let read = tokio::time::timeout(IDLE_TIMEOUT, tls.read(&mut input))
-                .await
-                .map_err(|_| SessionError::Timeout("idle"))??;
+            let read = if session.batch.is_empty() {
+                tokio::time::timeout(IDLE_TIMEOUT, tls.read(&mut input))
+                    .await
+                    .map_err(|_| SessionError::Timeout("idle"))??
+            } else {
+                // Objects wait in the batch only while more bytes are already at
+                // hand: when the input runs dry, they are stored and answered.
+                match tokio::time::timeout(Duration::ZERO, tls.read(&mut input)).await {
+                    Ok(read) => read?,
+                    Err(_) => {
+                        tokio::task::block_in_place(|| self.store_batch(&mut session, &mut output));
+                        write_out(&mut tls, &mut output).await?;
+                        continue;
+                    }
+                }
+            };
             if read == 0 {
+                tokio::task::block_in_place(|| self.store_batch(&mut session, &mut output));
+                write_out(&mut tls, &mut output).await?;
                 return Ok(());
             }
             decoder.push(&input[..read]);
@@ -228,23 +258,86 @@ impl<B: Backend + 'static> Server<B> {
                         break;
                     }
                 };
+                // Whole objects in one piece wait in a batch that is stored with
+                // one segment sync and one index transaction (group commit); any
+                // other message first stores the batch, so replies keep their order.
+                if let ClientMessage::Put {
+                    id,
+                    total,
+                    offset: 0,
+                    data,
+                } = &message
+                    && data.len() == *total as usize
+                    && session.greeted
+                {
+                    session.batch_bytes += data.len();
+                    session.batch.push((*id, data.to_vec()));
+                    if session.batch_bytes >= MAX_BATCH {
+                        tokio::task::block_in_place(|| self.store_batch(&mut session, &mut output));
+                    }
+                    continue;
+                }
                 // Store calls sync files; they run on this worker thread without
                 // holding up the others.
-                let flow =
-                    tokio::task::block_in_place(|| self.handle(&mut session, message, &mut output));
+                let flow = tokio::task::block_in_place(|| {
+                    self.store_batch(&mut session, &mut output);
+                    self.handle(&mut session, message, &mut output)
+                });
                 if flow == Flow::Close {
                     close = true;
                     break;
                 }
+                // Replies to a read full of requests (Gets, say) go out as they pile
+                // up, so that one connection never holds more than about a MiB.
+                if output.len() >= MAX_PENDING_OUTPUT {
+                    write_out(&mut tls, &mut output).await?;
+                }
             }
-            if !output.is_empty() {
-                tls.write_all(&output).await?;
-                tls.flush().await?;
-                output.clear();
+            if close {
+                tokio::task::block_in_place(|| self.store_batch(&mut session, &mut output));
             }
+            write_out(&mut tls, &mut output).await?;
             if close {
                 tls.shutdown().await?;
                 return Ok(());
+            }
+        }
+    }
+
+    /// Stores the batched whole objects and answers each: Stored or Refused.
+    fn store_batch(&self, session: &mut Session, out: &mut Vec<u8>) {
+        if session.batch.is_empty() {
+            return;
+        }
+        let batch = std::mem::take(&mut session.batch);
+        session.batch_bytes = 0;
+        let objects: Vec<(ObjectId, &[u8])> = batch
+            .iter()
+            .map(|(id, data)| (*id, data.as_slice()))
+            .collect();
+        match self.store.put_whole(&session.client.account, &objects) {
+            Ok(results) => {
+                for ((id, _), result) in batch.iter().zip(results) {
+                    match result {
+                        Ok(_) => ServerMessage::Stored { id: *id }.encode(out),
+                        Err(error) => ServerMessage::Refused {
+                            id: *id,
+                            error: wire_error(&error),
+                        }
+                        .encode(out),
+                    }
+                }
+            }
+            // Nothing of the batch was stored: every object is refused alike.
+            Err(error) => {
+                let error = wire_error(&error);
+                for (id, _) in &batch {
+                    ServerMessage::Refused {
+                        id: *id,
+                        error: error.clone(),
+                    }
+                    .encode(out);
+                }
             }
         }
     }
@@ -446,6 +539,25 @@ impl<B: Backend + 'static> Server<B> {
     }
 }
 
+/// Writes the pending replies; a client that stops reading for [`IDLE_TIMEOUT`] is
+/// cut off, so that it cannot hold a connection slot for ever.
+async fn write_out(
+    tls: &mut tokio_rustls::server::TlsStream<TcpStream>,
+    output: &mut Vec<u8>,
+) -> Result<(), SessionError> {
+    if output.is_empty() {
+        return Ok(());
+    }
+    tokio::time::timeout(IDLE_TIMEOUT, async {
+        tls.write_all(output).await?;
+        tls.flush().await
+    })
+    .await
+    .map_err(|_| SessionError::Timeout("writing replies"))??;
+    output.clear();
+    Ok(())
+}
+
 /// What a session knows of its client.
 struct Client {
     account: String,
@@ -480,6 +592,9 @@ struct Session {
     client: Client,
     greeted: bool,
     commit_ids: Vec<ObjectId>,
+    /// Whole objects waiting to be stored together.
+    batch: Vec<(ObjectId, Vec<u8>)>,
+    batch_bytes: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -541,7 +656,16 @@ fn wire_error(error: &StoreError) -> WireError {
     }
 }
 
-fn load_tls(dir: &Path) -> Result<TlsState, ServerError> {
+/// The TLS configuration the server uses for the store in `dir`: TLS 1.3 only,
+/// client certificates from the store's CA checked against its CRL, ALPN
+/// `homing/1`, session tickets. Public for benchmarks that need the same TLS.
+///
+/// # Errors
+/// If the certificates, key or CRL cannot be loaded.
+pub fn tls_config(
+    dir: &Path,
+    ticketer: &Arc<dyn rustls::server::ProducesTickets>,
+) -> Result<Arc<rustls::ServerConfig>, ServerError> {
     let load_error = |path: &Path| {
         let path = path.to_path_buf();
         move |e: rustls::pki_types::pem::Error| ServerError::Credentials {
@@ -574,8 +698,18 @@ fn load_tls(dir: &Path) -> Result<TlsState, ServerError> {
             .map_err(|e| ServerError::Tls(e.to_string()))?;
     config.alpn_protocols = vec![ALPN.to_vec()];
     // Tickets let a reconnecting laptop resume without a full handshake.
-    config.ticketer =
-        rustls::crypto::aws_lc_rs::Ticketer::new().map_err(|e| ServerError::Tls(e.to_string()))?;
+    config.ticketer = Arc::clone(ticketer);
+    // One ticket per handshake is enough for the next connection; each carries the
+    // client's certificate, so more would cost thin links bytes for nothing.
+    config.send_tls13_tickets = 1;
+    Ok(Arc::new(config))
+}
+
+fn load_tls(
+    dir: &Path,
+    ticketer: &Arc<dyn rustls::server::ProducesTickets>,
+) -> Result<TlsState, ServerError> {
+    let config = tls_config(dir, ticketer)?;
     let revoked = Ca::open(dir)?
         .issued()?
         .into_iter()
@@ -583,7 +717,7 @@ fn load_tls(dir: &Path) -> Result<TlsState, ServerError> {
         .map(|i| i.serial)
         .collect();
     Ok(TlsState {
-        acceptor: TlsAcceptor::from(Arc::new(config)),
+        acceptor: TlsAcceptor::from(config),
         revoked: Arc::new(revoked),
     })
 }

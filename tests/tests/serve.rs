@@ -251,6 +251,29 @@ fn upload_query_read_commit_list_over_mutual_tls() {
                 .unwrap();
             assert_eq!(stored, *object_id, "one Stored per object, in upload order");
         }
+        // Whole objects in one piece each are stored together (group commit).
+        let whole: Vec<(ObjectId, Vec<u8>)> = (21..=30).map(|n| (id(n), object(n, 3000))).collect();
+        let puts: Vec<ClientMessage<'_>> = whole
+            .iter()
+            .map(|(object_id, bytes)| ClientMessage::Put {
+                id: *object_id,
+                total: bytes.len() as u32,
+                offset: 0,
+                data: bytes,
+            })
+            .collect();
+        c.send(&puts).await.unwrap();
+        for (object_id, _) in &whole {
+            let stored = c
+                .receive(|m| match m {
+                    ServerMessage::Stored { id } => id,
+                    other => panic!("{other:?}"),
+                })
+                .await
+                .unwrap();
+            assert_eq!(stored, *object_id);
+        }
+        let objects: Vec<(ObjectId, Vec<u8>)> = objects.into_iter().chain(whole).collect();
         // Read every object back, byte for byte.
         for (object_id, bytes) in &objects {
             c.send(&[ClientMessage::Get {
@@ -271,6 +294,7 @@ fn upload_query_read_commit_list_over_mutual_tls() {
         }
         // Commit a snapshot referencing them all; a second commit must follow the head.
         let ids: Vec<ObjectId> = objects.iter().map(|(i, _)| *i).collect();
+        assert_eq!(ids.len(), 30);
         c.send(&[
             ClientMessage::CommitIds { ids: ids.clone() },
             ClientMessage::Commit {
@@ -343,7 +367,7 @@ fn upload_query_read_commit_list_over_mutual_tls() {
             .await
             .unwrap();
         let expected: u64 = objects.iter().map(|(_, b)| b.len() as u64).sum::<u64>() + 15 + 4;
-        assert_eq!(used, (expected, 22, 1));
+        assert_eq!(used, (expected, 32, 1));
     });
 }
 

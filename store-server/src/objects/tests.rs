@@ -445,3 +445,99 @@ fn commits_are_atomic_chained_and_refuse_missing_objects() {
         Err(StoreError::MissingReferences { .. })
     ));
 }
+
+#[test]
+fn reads_past_the_end_disabled_commits_and_stray_files_are_handled() {
+    let fixture = Fixture::new();
+    {
+        let store = fixture.open();
+        store.add_account("alice", 0, 0).unwrap();
+        store
+            .put_piece("alice", &id(90), 10, 0, &object(90, 10))
+            .unwrap();
+        let past = store.read("alice", &id(90), 11, 1).unwrap_err();
+        assert!(matches!(past, StoreError::LengthMismatch { .. }), "{past}");
+        assert_eq!(
+            store.read("alice", &id(90), 10, 5).unwrap(),
+            (10, vec![]),
+            "the end itself is fine"
+        );
+        store
+            .update_account("alice", |a| a.disabled = true)
+            .unwrap();
+        let refused = store.commit("alice", &id(90), None, &[], 1).unwrap_err();
+        assert!(
+            matches!(refused, StoreError::AccountDisabled(_)),
+            "{refused}"
+        );
+        assert_eq!(
+            store.read("alice", &id(90), 0, 10).unwrap().1,
+            object(90, 10),
+            "reads still work"
+        );
+    }
+    // A file someone left directly in partial/ does not stop the store from opening.
+    std::fs::write(fixture.dir.path().join("partial/README"), b"notes").unwrap();
+    let store = fixture.open();
+    assert!(fixture.dir.path().join("partial/README").exists());
+    assert_eq!(store.holding("alice", &id(90)).unwrap(), Holding::Stored);
+}
+
+#[test]
+fn whole_objects_are_stored_together_within_the_quota() {
+    let fixture = Fixture::new();
+    let store = fixture.open();
+    store.add_account("alice", 0, 3_500).unwrap();
+    store
+        .put_piece("alice", &id(100), 1000, 0, &object(100, 1000))
+        .unwrap();
+    store
+        .put_piece("alice", &id(101), 500, 0, &object(101, 200))
+        .unwrap(); // in progress
+    let a = object(102, 1000);
+    let b = object(103, 1000);
+    let c = object(104, 1000);
+    let again = object(100, 1000);
+    let batch: Vec<(ObjectId, &[u8])> = vec![
+        (id(100), &again[..]),    // stored already
+        (id(101), &[0; 500][..]), // in progress piece by piece
+        (id(102), &a),
+        (id(102), &a), // twice in one batch
+        (id(103), &b), // 1000 + 500 pending + 2000 = 3500: fits
+        (id(104), &c), // over the quota
+    ];
+    let results = store.put_whole("alice", &batch).unwrap();
+    assert!(matches!(results[0], Ok(PutOutcome::Stored)));
+    assert!(matches!(
+        results[1],
+        Err(StoreError::OffsetMismatch { held: 200, .. })
+    ));
+    assert!(matches!(results[2], Ok(PutOutcome::Stored)));
+    assert!(matches!(results[3], Ok(PutOutcome::Stored)));
+    assert!(matches!(results[4], Ok(PutOutcome::Stored)));
+    assert!(
+        matches!(results[5], Err(StoreError::StoreFull { .. })),
+        "{:?}",
+        results[5]
+    );
+    assert_eq!(store.read("alice", &id(102), 0, 1000).unwrap().1, a);
+    assert_eq!(store.read("alice", &id(103), 0, 1000).unwrap().1, b);
+    let account = store.account("alice").unwrap();
+    assert_eq!((account.used, account.objects), (3000, 3));
+
+    // A failing medium stores nothing of the batch.
+    store.update_account("alice", |a| a.hard_limit = 0).unwrap();
+    store.backend().plan([Some(Fault::Torn)]);
+    let d = object(105, 100);
+    assert!(store.put_whole("alice", &[(id(105), &d[..])]).is_err());
+    assert_eq!(store.holding("alice", &id(105)).unwrap(), Holding::Missing);
+    assert!(store.check(false).unwrap().damaged.is_empty());
+    assert_eq!(
+        store
+            .put_whole("alice", &[(id(105), &d[..])])
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(store.read("alice", &id(105), 0, 100).unwrap().1, d);
+}

@@ -1,0 +1,343 @@
+//! Transport benchmark: the protocol over loopback TLS against raw TLS, in one run.
+//!
+//! ```text
+//! cargo bench -p homing-store --bench transport [-- --mib 64]
+//! ```
+//!
+//! An in-process store server (the real one: TLS 1.3, client certificates, object
+//! store on this machine's disk) and a client on loopback. It prints:
+//! - handshake bytes, full and resumed (TLS session ticket), each way, including
+//!   the Hello/Welcome exchange: the target is ≤ 1 KiB client-to-server resumed;
+//! - raw TLS throughput: the same TLS configuration carrying bytes that are thrown
+//!   away, the baseline;
+//! - bulk upload throughput: 64 KiB objects, one Put each, pipelined, every one
+//!   stored durably before its Stored comes back (target ≥ 80 % of raw TLS);
+//! - bytes on the wire per object and the framing overhead (target ≤ 2 %);
+//! - bytes of a batched "which of these do you have" for 1000 ids.
+
+#![allow(clippy::disallowed_types)] // measuring wall time is the point here
+#![allow(missing_docs, clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use homing_crypto::ObjectId;
+use homing_store::backend::LocalBackend;
+use homing_store::ca::Ca;
+use homing_store::objects::ObjectStore;
+use homing_store::server::{Server, tls_config};
+use homing_transfer::proto::{ClientMessage, FrameDecoder, MAX_FRAME_PAYLOAD, ServerMessage};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+
+const OBJECT: usize = 64 * 1024;
+
+/// Counts the bytes that cross a stream, each way: TLS records included.
+struct Counted<S> {
+    inner: S,
+    up: Arc<AtomicU64>,
+    down: Arc<AtomicU64>,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let result = Pin::new(&mut self.inner).poll_read(cx, buf);
+        self.down
+            .fetch_add((buf.filled().len() - before) as u64, Ordering::Relaxed);
+        result
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let result = Pin::new(&mut self.inner).poll_write(cx, data);
+        if let Poll::Ready(Ok(n)) = result {
+            self.up.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        result
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+struct Meter {
+    up: Arc<AtomicU64>,
+    down: Arc<AtomicU64>,
+}
+
+impl Meter {
+    fn new() -> Self {
+        Self {
+            up: Arc::default(),
+            down: Arc::default(),
+        }
+    }
+    fn read(&self) -> (u64, u64) {
+        (
+            self.up.load(Ordering::Relaxed),
+            self.down.load(Ordering::Relaxed),
+        )
+    }
+}
+
+type Tls = tokio_rustls::client::TlsStream<Counted<TcpStream>>;
+
+async fn connect(address: SocketAddr, config: Arc<rustls::ClientConfig>, meter: &Meter) -> Tls {
+    let tcp = TcpStream::connect(address).await.unwrap();
+    tcp.set_nodelay(true).unwrap();
+    let counted = Counted {
+        inner: tcp,
+        up: Arc::clone(&meter.up),
+        down: Arc::clone(&meter.down),
+    };
+    tokio_rustls::TlsConnector::from(config)
+        .connect(ServerName::try_from("localhost").unwrap(), counted)
+        .await
+        .unwrap()
+}
+
+async fn hello(tls: &mut Tls, decoder: &mut FrameDecoder) {
+    let mut out = Vec::new();
+    ClientMessage::Hello {
+        min_version: 1,
+        max_version: 1,
+    }
+    .encode(&mut out);
+    tls.write_all(&out).await.unwrap();
+    next(tls, decoder, |m| {
+        assert!(matches!(m, ServerMessage::Welcome { .. }), "{m:?}")
+    })
+    .await;
+}
+
+async fn next<T>(
+    tls: &mut (impl AsyncRead + Unpin),
+    decoder: &mut FrameDecoder,
+    f: impl FnOnce(ServerMessage<'_>) -> T,
+) -> T {
+    loop {
+        if let Some(frame) = decoder.next_frame().unwrap() {
+            return f(ServerMessage::decode(frame).unwrap());
+        }
+        let mut buffer = [0_u8; 64 * 1024];
+        let n = tls.read(&mut buffer).await.unwrap();
+        assert!(n > 0, "the server closed the connection");
+        decoder.push(&buffer[..n]);
+    }
+}
+
+fn client_config(prefix: &Path, ca: &Path) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_file(ca).unwrap())
+        .unwrap();
+    let chain = vec![CertificateDer::from_pem_file(prefix.with_extension("crt")).unwrap()];
+    let key = PrivateKeyDer::from_pem_file(prefix.with_extension("key")).unwrap();
+    let mut config =
+        rustls::ClientConfig::builder_with_protocol_versions(&[&rustls::version::TLS13])
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .unwrap();
+    config.alpn_protocols = vec![b"homing/1".to_vec()];
+    Arc::new(config)
+}
+
+fn main() {
+    let mut mib = 64_usize;
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--mib" => mib = args.next().and_then(|v| v.parse().ok()).expect("--mib N"),
+            "--bench" => {}
+            other => panic!("unknown argument {other}"),
+        }
+    }
+    let home = tempfile::tempdir().unwrap();
+    let home_path = home.path().to_path_buf();
+    let dir = home.path().join("store");
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca = Ca::create(&dir, &[], &[]).unwrap();
+    let store =
+        ObjectStore::open(&dir, LocalBackend::open(&dir.join("segments")).unwrap()).unwrap();
+    store.add_account("bench", 0, 0).unwrap();
+    let credentials = ca.issue("bench", 30).unwrap();
+    let prefix = home.path().join("bench");
+    std::fs::write(prefix.with_extension("crt"), &credentials.cert_pem).unwrap();
+    std::fs::write(
+        prefix.with_extension("key"),
+        credentials.key_pem.as_ref().unwrap(),
+    )
+    .unwrap();
+    let config = client_config(&prefix, &dir.join("ca/ca.crt"));
+    let server = Arc::new(Server::new(&dir, store).unwrap());
+    let ticketer = rustls::crypto::aws_lc_rs::Ticketer::new().unwrap();
+    let raw_config = tls_config(&dir, &ticketer).unwrap();
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async move {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(Arc::clone(&server).serve(listener, std::future::pending()));
+
+        // Handshakes: a full one, then one resumed with the ticket it left.
+        let mut rows = Vec::new();
+        for label in ["full", "resumed"] {
+            let meter = Meter::new();
+            let mut tls = connect(address, Arc::clone(&config), &meter).await;
+            let mut decoder = FrameDecoder::new(MAX_FRAME_PAYLOAD);
+            hello(&mut tls, &mut decoder).await;
+            let kind = tls.get_ref().1.handshake_kind();
+            let (up, down) = meter.read();
+            rows.push((label, up, down, kind));
+            // Close politely, so that the ticket is stored and the next one resumes.
+            let mut out = Vec::new();
+            ClientMessage::Bye.encode(&mut out);
+            tls.write_all(&out).await.unwrap();
+            let mut rest = Vec::new();
+            let _ = tls.read_to_end(&mut rest).await;
+        }
+        println!("handshake + Hello/Welcome, bytes on the wire (TLS records included):");
+        for (label, up, down, kind) in &rows {
+            println!("  {label:<8} client→server {up:>6}  server→client {down:>6}   ({kind:?})");
+        }
+
+        // Raw TLS: the same configuration, bytes thrown away on arrival.
+        let raw_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let raw_address = raw_listener.local_addr().unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(raw_config);
+        tokio::spawn(async move {
+            let (tcp, _) = raw_listener.accept().await.unwrap();
+            tcp.set_nodelay(true).unwrap();
+            let mut tls = acceptor.accept(tcp).await.unwrap();
+            let mut buffer = vec![0_u8; 256 * 1024];
+            let mut total = 0_u64;
+            loop {
+                let n = tls.read(&mut buffer).await.unwrap();
+                if n == 0 {
+                    break;
+                }
+                total += n as u64;
+            }
+            tls.write_all(&total.to_le_bytes()).await.unwrap();
+            tls.shutdown().await.unwrap();
+        });
+        let payload: Vec<u8> = (0..OBJECT).map(|i| (i * 31 % 251) as u8).collect();
+        let total = mib * 1024 * 1024;
+        let meter = Meter::new();
+        let mut tls = connect(raw_address, Arc::clone(&config), &meter).await;
+        let start = Instant::now();
+        for _ in 0..total / OBJECT {
+            tls.write_all(&payload).await.unwrap();
+        }
+        tls.shutdown().await.unwrap();
+        let mut confirm = [0_u8; 8];
+        tls.read_exact(&mut confirm).await.unwrap();
+        let raw_seconds = start.elapsed().as_secs_f64();
+        assert_eq!(u64::from_le_bytes(confirm), total as u64);
+        let raw_rate = total as f64 / 1e6 / raw_seconds;
+        let (raw_up, _) = meter.read();
+
+        // Upload: the same bytes as 64 KiB objects, one Put each, pipelined.
+        let count = total / OBJECT;
+        let meter = Meter::new();
+        let tls = connect(address, Arc::clone(&config), &meter).await;
+        let (mut reader, mut writer) = tokio::io::split(tls);
+        let mut decoder = FrameDecoder::new(MAX_FRAME_PAYLOAD);
+        let mut out = Vec::new();
+        ClientMessage::Hello { min_version: 1, max_version: 1 }.encode(&mut out);
+        writer.write_all(&out).await.unwrap();
+        next(&mut reader, &mut decoder, |m| assert!(matches!(m, ServerMessage::Welcome { .. }))).await;
+        let (handshake_up, _) = meter.read();
+        let start = Instant::now();
+        let acks = tokio::spawn(async move {
+            for _ in 0..count {
+                next(&mut reader, &mut decoder, |m| assert!(matches!(m, ServerMessage::Stored { .. }), "{m:?}")).await;
+            }
+        });
+        for n in 0..count {
+            let mut id = [0_u8; 32];
+            id[..8].copy_from_slice(&(n as u64).to_le_bytes());
+            let mut data = payload.clone();
+            data[..8].copy_from_slice(&(n as u64).to_le_bytes());
+            out.clear();
+            ClientMessage::Put { id: ObjectId::from_bytes(id), total: OBJECT as u32, offset: 0, data: &data }.encode(&mut out);
+            writer.write_all(&out).await.unwrap();
+        }
+        writer.flush().await.unwrap();
+        acks.await.unwrap();
+        let upload_seconds = start.elapsed().as_secs_f64();
+        let upload_rate = total as f64 / 1e6 / upload_seconds;
+        let (up, _) = meter.read();
+        let wire = up - handshake_up;
+        let per_object = wire as f64 / count as f64;
+
+        // A batched query of 1000 ids.
+        let meter = Meter::new();
+        let mut tls = connect(address, Arc::clone(&config), &meter).await;
+        let mut decoder = FrameDecoder::new(MAX_FRAME_PAYLOAD);
+        hello(&mut tls, &mut decoder).await;
+        let before = meter.read();
+        let ids: Vec<ObjectId> = (0..1000_u64)
+            .map(|n| {
+                let mut id = [0_u8; 32];
+                id[..8].copy_from_slice(&n.to_le_bytes());
+                ObjectId::from_bytes(id)
+            })
+            .collect();
+        out.clear();
+        ClientMessage::Query { ids }.encode(&mut out);
+        tls.write_all(&out).await.unwrap();
+        next(&mut tls, &mut decoder, |m| assert!(matches!(m, ServerMessage::Present { .. }))).await;
+        let after = meter.read();
+
+        // The disk's own ceiling for what the upload must do: append and sync, in
+        // batches of 8 MiB as the server's group commit does at most.
+        let disk_path = home_path.join("disk-baseline");
+        let start = Instant::now();
+        {
+            use std::io::Write;
+            let mut file = std::fs::File::create(&disk_path).unwrap();
+            let chunk = vec![0x5a_u8; 8 * 1024 * 1024];
+            let mut written = 0;
+            while written < total {
+                let n = chunk.len().min(total - written);
+                file.write_all(&chunk[..n]).unwrap();
+                file.sync_data().unwrap();
+                written += n;
+            }
+        }
+        let disk_rate = total as f64 / 1e6 / start.elapsed().as_secs_f64();
+        std::fs::remove_file(&disk_path).unwrap();
+
+        println!("\nthroughput over loopback ({mib} MiB, 64 KiB objects):");
+        println!("  disk           {disk_rate:>8.1} MB/s  (8 MiB appends, each synced: the ceiling for durable storage here)");
+        println!("  raw TLS        {raw_rate:>8.1} MB/s  ({} bytes on the wire for {total})", raw_up);
+        println!(
+            "  upload         {upload_rate:>8.1} MB/s  = {:.1} % of raw TLS (target >= 80 %), {:.1} % of the disk's ceiling",
+            100.0 * upload_rate / raw_rate,
+            100.0 * upload_rate / disk_rate.min(raw_rate)
+        );
+        println!("  per object     {per_object:>8.0} bytes on the wire for {OBJECT}: overhead {:.2} % (target <= 2 %)", 100.0 * (per_object - OBJECT as f64) / OBJECT as f64);
+        println!("\nQuery of 1000 ids: client→server {} bytes, server→client {} bytes", after.0 - before.0, after.1 - before.1);
+    });
+}

@@ -7,7 +7,9 @@
 //! - [`Sealer`] turns a plaintext into a [`SealedObject`]: zstd when it helps, then
 //!   [`homing_crypto`]'s sealing; [`open_object`] reverses it and verifies the id;
 //! - [`seal_stream`] runs both over a reader on several threads, in bounded memory;
-//! - [`proto`] encodes and decodes the frames of the wire protocol.
+//! - [`proto`] encodes and decodes the frames of the wire protocol;
+//! - `stream` (feature `stream`, default) meters, counts and rate-limits every byte
+//!   of a client's connection.
 //!
 //! Everything but [`proto`] needs the `sealing` feature (on by default), which
 //! brings the owner's keys; the store server builds without it.
@@ -37,6 +39,8 @@
 //! ```
 
 pub mod proto;
+#[cfg(feature = "stream")]
+pub mod stream;
 
 #[cfg(feature = "sealing")]
 mod chunker;

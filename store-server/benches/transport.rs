@@ -20,10 +20,7 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll};
 use std::time::Instant;
 
 use homing_crypto::ObjectId;
@@ -32,88 +29,40 @@ use homing_store::ca::Ca;
 use homing_store::objects::ObjectStore;
 use homing_store::server::{Server, tls_config};
 use homing_transfer::proto::{ClientMessage, FrameDecoder, MAX_FRAME_PAYLOAD, ServerMessage};
+use homing_transfer::stream::{MeteredStream, Rate, Traffic, Unmetered};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 const OBJECT: usize = 64 * 1024;
 
-/// Counts the bytes that cross a stream, each way: TLS records included.
-struct Counted<S> {
-    inner: S,
-    up: Arc<AtomicU64>,
-    down: Arc<AtomicU64>,
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let result = Pin::new(&mut self.inner).poll_read(cx, buf);
-        self.down
-            .fetch_add((buf.filled().len() - before) as u64, Ordering::Relaxed);
-        result
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        let result = Pin::new(&mut self.inner).poll_write(cx, data);
-        if let Poll::Ready(Ok(n)) = result {
-            self.up.fetch_add(n as u64, Ordering::Relaxed);
-        }
-        result
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
+/// Counts the bytes that cross a connection, each way, TLS records included: the
+/// client's own metered stream, with no budget and no rate limit.
 struct Meter {
-    up: Arc<AtomicU64>,
-    down: Arc<AtomicU64>,
+    traffic: Arc<Traffic>,
 }
 
 impl Meter {
-    fn new() -> Self {
-        Self {
-            up: Arc::default(),
-            down: Arc::default(),
-        }
-    }
     fn read(&self) -> (u64, u64) {
-        (
-            self.up.load(Ordering::Relaxed),
-            self.down.load(Ordering::Relaxed),
-        )
+        (self.traffic.sent(), self.traffic.received())
     }
 }
 
-type Tls = tokio_rustls::client::TlsStream<Counted<TcpStream>>;
+type Tls = tokio_rustls::client::TlsStream<MeteredStream<TcpStream>>;
 
-async fn connect(address: SocketAddr, config: Arc<rustls::ClientConfig>, meter: &Meter) -> Tls {
+async fn connect(address: SocketAddr, config: Arc<rustls::ClientConfig>) -> (Tls, Meter) {
     let tcp = TcpStream::connect(address).await.unwrap();
     tcp.set_nodelay(true).unwrap();
-    let counted = Counted {
-        inner: tcp,
-        up: Arc::clone(&meter.up),
-        down: Arc::clone(&meter.down),
+    let metered = MeteredStream::new(tcp, Arc::new(Unmetered), Rate::unlimited());
+    let meter = Meter {
+        traffic: metered.traffic(),
     };
-    tokio_rustls::TlsConnector::from(config)
-        .connect(ServerName::try_from("localhost").unwrap(), counted)
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(ServerName::try_from("localhost").unwrap(), metered)
         .await
-        .unwrap()
+        .unwrap();
+    (tls, meter)
 }
 
 async fn hello(tls: &mut Tls, decoder: &mut FrameDecoder) {
@@ -202,8 +151,7 @@ fn main() {
         // Handshakes: a full one, then one resumed with the ticket it left.
         let mut rows = Vec::new();
         for label in ["full", "resumed"] {
-            let meter = Meter::new();
-            let mut tls = connect(address, Arc::clone(&config), &meter).await;
+            let (mut tls, meter) = connect(address, Arc::clone(&config)).await;
             let mut decoder = FrameDecoder::new(MAX_FRAME_PAYLOAD);
             hello(&mut tls, &mut decoder).await;
             let kind = tls.get_ref().1.handshake_kind();
@@ -243,8 +191,7 @@ fn main() {
         });
         let payload: Vec<u8> = (0..OBJECT).map(|i| (i * 31 % 251) as u8).collect();
         let total = mib * 1024 * 1024;
-        let meter = Meter::new();
-        let mut tls = connect(raw_address, Arc::clone(&config), &meter).await;
+        let (mut tls, meter) = connect(raw_address, Arc::clone(&config)).await;
         let start = Instant::now();
         for _ in 0..total / OBJECT {
             tls.write_all(&payload).await.unwrap();
@@ -259,8 +206,7 @@ fn main() {
 
         // Upload: the same bytes as 64 KiB objects, one Put each, pipelined.
         let count = total / OBJECT;
-        let meter = Meter::new();
-        let tls = connect(address, Arc::clone(&config), &meter).await;
+        let (tls, meter) = connect(address, Arc::clone(&config)).await;
         let (mut reader, mut writer) = tokio::io::split(tls);
         let mut decoder = FrameDecoder::new(MAX_FRAME_PAYLOAD);
         let mut out = Vec::new();
@@ -292,8 +238,7 @@ fn main() {
         let per_object = wire as f64 / count as f64;
 
         // A batched query of 1000 ids.
-        let meter = Meter::new();
-        let mut tls = connect(address, Arc::clone(&config), &meter).await;
+        let (mut tls, meter) = connect(address, Arc::clone(&config)).await;
         let mut decoder = FrameDecoder::new(MAX_FRAME_PAYLOAD);
         hello(&mut tls, &mut decoder).await;
         let before = meter.read();

@@ -562,69 +562,72 @@ impl<B: Backend> ObjectStore<B> {
         account: &str,
         objects: &[(ObjectId, &[u8])],
     ) -> Result<Vec<Result<PutOutcome, StoreError>>, StoreError> {
-        let info = self.account(account)?;
-        if info.disabled {
+        if self.account(account)?.disabled {
             return Err(StoreError::AccountDisabled(account.to_string()));
         }
         let mut results: Vec<Option<Result<PutOutcome, StoreError>>> =
             Vec::with_capacity(objects.len());
         results.resize_with(objects.len(), || None);
-        // Sort out what is stored already, too large, or in progress piece by piece.
-        let mut candidates = Vec::new();
+        // A second copy of an id in the batch gets the first copy's answer.
+        let mut first_copy: Vec<Option<usize>> = vec![None; objects.len()];
+        let mut seen = std::collections::HashMap::new();
+        for (i, (id, data)) in objects.iter().enumerate() {
+            if data.len() > MAX_OBJECT_LEN as usize {
+                results[i] = Some(Err(StoreError::TooLarge {
+                    id: *id,
+                    len: data.len() as u64,
+                    limit: u64::from(MAX_OBJECT_LEN),
+                }));
+            } else if let Some(&j) = seen.get(id) {
+                first_copy[i] = Some(j);
+            } else {
+                seen.insert(*id, i);
+            }
+        }
+        // Everything else is decided under the writer lock, where no other upload
+        // of the account can store or finish the same object meanwhile.
+        let mut writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let mut info = self.account(account)?;
+        let mut pending = self.pending(account)?;
+        let mut accepted = Vec::new();
+        let mut empty_partials = Vec::new();
+        let mut wanted = 0_u64;
         {
             let txn = self.db.begin_read().map_err(index)?;
             let stored = txn.open_table(OBJECTS).map_err(index)?;
             let partials = txn.open_table(PARTIALS).map_err(index)?;
             for (i, (id, data)) in objects.iter().enumerate() {
-                let key = key(account, id);
-                if data.len() > MAX_OBJECT_LEN as usize {
-                    results[i] = Some(Err(StoreError::TooLarge {
-                        id: *id,
-                        len: data.len() as u64,
-                        limit: u64::from(MAX_OBJECT_LEN),
-                    }));
-                } else if stored.get(key.as_slice()).map_err(index)?.is_some()
-                    || candidates
-                        .iter()
-                        .any(|&(j, _): &(usize, Vec<u8>)| objects[j].0 == *id)
-                {
-                    results[i] = Some(Ok(PutOutcome::Stored));
-                } else if partials.get(key.as_slice()).map_err(index)?.is_some() {
-                    results[i] = Some(Err(StoreError::OffsetMismatch {
-                        id: *id,
-                        held: self.partial_len(account, id)?,
-                    }));
-                } else {
-                    candidates.push((i, key));
+                if results[i].is_some() || first_copy[i].is_some() {
+                    continue;
                 }
-            }
-        }
-        if candidates.is_empty() {
-            return Ok(results
-                .into_iter()
-                .map(|r| r.expect("every object has a result"))
-                .collect());
-        }
-        let mut writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        let mut info = self.account(account)?;
-        let pending = self.pending(account)?;
-        // Take objects in order while they fit under the hard quota.
-        let mut accepted = Vec::new();
-        let mut wanted = 0_u64;
-        for (i, key) in candidates {
-            let len = objects[i].1.len() as u64;
-            let fits =
-                info.hard_limit == 0 || info.used + pending + wanted + len <= info.hard_limit;
-            if fits {
+                let key = key(account, id);
+                if stored.get(key.as_slice()).map_err(index)?.is_some() {
+                    results[i] = Some(Ok(PutOutcome::Stored));
+                    continue;
+                }
+                if let Some(total) = partials.get(key.as_slice()).map_err(index)? {
+                    let held = self.partial_len(account, id)?;
+                    if held > 0 {
+                        // Bytes are held: the upload goes on piece by piece.
+                        results[i] = Some(Err(StoreError::OffsetMismatch { id: *id, held }));
+                        continue;
+                    }
+                    // An upload recorded but empty: the whole object replaces it.
+                    pending = pending.saturating_sub(u64::from(total.value()));
+                    empty_partials.push(key.clone());
+                }
+                let len = data.len() as u64;
+                if info.hard_limit > 0 && info.used + pending + wanted + len > info.hard_limit {
+                    results[i] = Some(Err(StoreError::StoreFull {
+                        account: account.to_string(),
+                        used: info.used,
+                        limit: info.hard_limit,
+                        wanted: pending + wanted + len,
+                    }));
+                    continue;
+                }
                 wanted += len;
                 accepted.push((i, key));
-            } else {
-                results[i] = Some(Err(StoreError::StoreFull {
-                    account: account.to_string(),
-                    used: info.used + pending + wanted,
-                    limit: info.hard_limit,
-                    wanted: len,
-                }));
             }
         }
         if !accepted.is_empty() {
@@ -661,6 +664,10 @@ impl<B: Backend> ObjectStore<B> {
                         .map_err(index)?;
                     offset += data.len() as u64;
                 }
+                let mut partials = txn.open_table(PARTIALS).map_err(index)?;
+                for key in &empty_partials {
+                    partials.remove(key.as_slice()).map_err(index)?;
+                }
                 info.used += wanted;
                 info.objects += accepted.len() as u64;
                 txn.open_table(ACCOUNTS)
@@ -669,11 +676,22 @@ impl<B: Backend> ObjectStore<B> {
                     .map_err(index)?;
             }
             txn.commit().map_err(index)?;
-            for (i, _) in accepted {
-                results[i] = Some(Ok(PutOutcome::Stored));
+            for (i, _) in &accepted {
+                results[*i] = Some(Ok(PutOutcome::Stored));
+                let _ = fs::remove_file(self.partial_path(account, &objects[*i].0));
             }
         }
         drop(writer);
+        for i in 0..objects.len() {
+            if let Some(j) = first_copy[i] {
+                let answer = match &results[j] {
+                    Some(Ok(outcome)) => Ok(*outcome),
+                    Some(Err(error)) => Err(same_refusal(error)),
+                    None => unreachable!("every first copy has an answer"),
+                };
+                results[i] = Some(answer);
+            }
+        }
         Ok(results
             .into_iter()
             .map(|r| r.expect("every object has a result"))
@@ -857,6 +875,24 @@ impl<B: Backend> ObjectStore<B> {
         // One writer at a time: the quota check, the append and the index update
         // happen together, so parallel uploads cannot overshoot the hard quota.
         let mut writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        // Another connection of the account may have stored the same object whole
+        // meanwhile: then this upload is done, and nothing is charged twice.
+        let stored = {
+            let txn = self.db.begin_read().map_err(index)?;
+            let objects = txn.open_table(OBJECTS).map_err(index)?;
+            objects.get(key).map_err(index)?.is_some()
+        };
+        if stored {
+            let txn = self.db.begin_write().map_err(index)?;
+            txn.open_table(PARTIALS)
+                .map_err(index)?
+                .remove(key)
+                .map_err(index)?;
+            txn.commit().map_err(index)?;
+            drop(writer);
+            let _ = fs::remove_file(path);
+            return Ok(());
+        }
         let info = self.account(account)?;
         check_quota(account, &info, u64::from(len))?;
         if writer.len >= SEGMENT_TARGET {
@@ -984,6 +1020,38 @@ impl<B: Backend> ObjectStore<B> {
                 source,
             }),
         }
+    }
+}
+
+/// The same refusal again, for a second copy of an object in one batch. Only the
+/// refusals `put_whole` gives per object occur here.
+fn same_refusal(error: &StoreError) -> StoreError {
+    match error {
+        StoreError::StoreFull {
+            account,
+            used,
+            limit,
+            wanted,
+        } => StoreError::StoreFull {
+            account: account.clone(),
+            used: *used,
+            limit: *limit,
+            wanted: *wanted,
+        },
+        StoreError::OffsetMismatch { id, held } => StoreError::OffsetMismatch {
+            id: *id,
+            held: *held,
+        },
+        StoreError::TooLarge { id, len, limit } => StoreError::TooLarge {
+            id: *id,
+            len: *len,
+            limit: *limit,
+        },
+        other => StoreError::Io {
+            action: "store",
+            path: PathBuf::from("the batch"),
+            source: std::io::Error::other(other.to_string()),
+        },
     }
 }
 

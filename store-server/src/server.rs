@@ -42,6 +42,8 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 /// Bytes of whole objects batched before they are stored together.
 const MAX_BATCH: usize = 8 * 1024 * 1024;
+/// Whole objects batched before they are stored together (tiny objects count too).
+const MAX_BATCH_OBJECTS: usize = 4096;
 /// Replies held before they are written, per connection.
 const MAX_PENDING_OUTPUT: usize = 1024 * 1024;
 /// The most ids one commit may reference (32 MiB of ids).
@@ -245,6 +247,8 @@ impl<B: Backend + 'static> Server<B> {
                     Ok(Some(frame)) => frame,
                     Ok(None) => break,
                     Err(error) => {
+                        // Objects waiting in the batch are answered first.
+                        tokio::task::block_in_place(|| self.store_batch(&mut session, &mut output));
                         reply_malformed(&mut output, &error);
                         close = true;
                         break;
@@ -253,6 +257,8 @@ impl<B: Backend + 'static> Server<B> {
                 let message = match ClientMessage::decode(frame) {
                     Ok(message) => message,
                     Err(error) => {
+                        // Objects waiting in the batch are answered first.
+                        tokio::task::block_in_place(|| self.store_batch(&mut session, &mut output));
                         reply_malformed(&mut output, &error);
                         close = true;
                         break;
@@ -272,7 +278,8 @@ impl<B: Backend + 'static> Server<B> {
                 {
                     session.batch_bytes += data.len();
                     session.batch.push((*id, data.to_vec()));
-                    if session.batch_bytes >= MAX_BATCH {
+                    if session.batch_bytes >= MAX_BATCH || session.batch.len() >= MAX_BATCH_OBJECTS
+                    {
                         tokio::task::block_in_place(|| self.store_batch(&mut session, &mut output));
                     }
                     continue;

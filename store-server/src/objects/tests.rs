@@ -541,3 +541,65 @@ fn whole_objects_are_stored_together_within_the_quota() {
     );
     assert_eq!(store.read("alice", &id(105), 0, 100).unwrap().1, d);
 }
+
+#[test]
+fn a_second_copy_in_a_batch_shares_the_first_copys_answer_and_empty_uploads_give_way() {
+    let fixture = Fixture::new();
+    let store = fixture.open();
+    store.add_account("alice", 0, 1_500).unwrap();
+    let big = object(110, 2000);
+    let results = store
+        .put_whole("alice", &[(id(110), &big[..]), (id(110), &big[..])])
+        .unwrap();
+    assert!(matches!(results[0], Err(StoreError::StoreFull { .. })));
+    assert!(
+        matches!(results[1], Err(StoreError::StoreFull { .. })),
+        "{:?}",
+        results[1]
+    );
+    assert_eq!(store.holding("alice", &id(110)).unwrap(), Holding::Missing);
+
+    // An upload recorded with no byte held (an empty first piece) does not block
+    // the object sent whole.
+    store.update_account("alice", |a| a.hard_limit = 0).unwrap();
+    store.put_piece("alice", &id(111), 100, 0, &[]).unwrap();
+    assert_eq!(
+        store.holding("alice", &id(111)).unwrap(),
+        Holding::Partial(0)
+    );
+    let small = object(111, 100);
+    let results = store.put_whole("alice", &[(id(111), &small[..])]).unwrap();
+    assert!(
+        matches!(results[0], Ok(PutOutcome::Stored)),
+        "{:?}",
+        results[0]
+    );
+    assert_eq!(store.read("alice", &id(111), 0, 100).unwrap().1, small);
+    assert_eq!(store.account("alice").unwrap().used, 100);
+}
+
+#[test]
+fn an_object_finished_both_ways_is_charged_once() {
+    let fixture = Fixture::new();
+    let store = fixture.open();
+    store.add_account("alice", 0, 0).unwrap();
+    let bytes = object(120, 1000);
+    // One connection uploads piece by piece...
+    store
+        .put_piece("alice", &id(120), 1000, 0, &bytes[..500])
+        .unwrap();
+    // ...another stores it whole meanwhile? It must go piece by piece instead.
+    let results = store.put_whole("alice", &[(id(120), &bytes[..])]).unwrap();
+    assert!(matches!(
+        results[0],
+        Err(StoreError::OffsetMismatch { held: 500, .. })
+    ));
+    assert_eq!(
+        store
+            .put_piece("alice", &id(120), 1000, 500, &bytes[500..])
+            .unwrap(),
+        PutOutcome::Stored
+    );
+    let account = store.account("alice").unwrap();
+    assert_eq!((account.used, account.objects), (1000, 1));
+}

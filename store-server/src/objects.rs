@@ -172,7 +172,12 @@ impl<B: Backend> ObjectStore<B> {
             path: dir.join("partial"),
             source,
         })?;
-        let db = Database::create(dir.join("index.redb")).map_err(index)?;
+        // Several processes may use the index at once (the server, and the admin
+        // commands while it runs); redb lets one write transaction run at a time.
+        let db = Database::builder()
+            .set_concurrency_mode(redb::ConcurrencyMode::MultiWriter)
+            .create(dir.join("index.redb"))
+            .map_err(index)?;
         let txn = db.begin_write().map_err(index)?;
         for table in [OBJECTS, QUARANTINE, SNAPSHOTS, REFERENCES] {
             txn.open_table(table).map_err(index)?;
@@ -587,7 +592,7 @@ impl<B: Backend> ObjectStore<B> {
         // Everything else is decided under the writer lock, where no other upload
         // of the account can store or finish the same object meanwhile.
         let mut writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        let mut info = self.account(account)?;
+        let info = self.account(account)?;
         let mut pending = self.pending(account)?;
         let mut accepted = Vec::new();
         let mut empty_partials = Vec::new();
@@ -668,12 +673,7 @@ impl<B: Backend> ObjectStore<B> {
                 for key in &empty_partials {
                     partials.remove(key.as_slice()).map_err(index)?;
                 }
-                info.used += wanted;
-                info.objects += accepted.len() as u64;
-                txn.open_table(ACCOUNTS)
-                    .map_err(index)?
-                    .insert(account, encode_account(&info).as_slice())
-                    .map_err(index)?;
+                charge(&txn, account, wanted, accepted.len() as u64)?;
             }
             txn.commit().map_err(index)?;
             for (i, _) in &accepted {
@@ -925,13 +925,7 @@ impl<B: Backend> ObjectStore<B> {
                 .map_err(index)?
                 .remove(key)
                 .map_err(index)?;
-            let mut accounts = txn.open_table(ACCOUNTS).map_err(index)?;
-            let mut info = info;
-            info.used += u64::from(len);
-            info.objects += 1;
-            accounts
-                .insert(account, encode_account(&info).as_slice())
-                .map_err(index)?;
+            charge(&txn, account, u64::from(len), 1)?;
         }
         txn.commit().map_err(index)?;
         drop(writer);
@@ -1021,6 +1015,29 @@ impl<B: Backend> ObjectStore<B> {
             }),
         }
     }
+}
+
+/// Adds stored bytes and objects to an account, reading its record inside the
+/// write transaction: an admin command in another process may have changed the
+/// quotas since it was read for the quota check.
+fn charge(
+    txn: &redb::WriteTransaction,
+    account: &str,
+    bytes: u64,
+    objects: u64,
+) -> Result<(), StoreError> {
+    let mut accounts = txn.open_table(ACCOUNTS).map_err(index)?;
+    let mut info = accounts
+        .get(account)
+        .map_err(index)?
+        .map(|v| decode_account(v.value()))
+        .ok_or_else(|| StoreError::UnknownAccount(account.to_string()))?;
+    info.used += bytes;
+    info.objects += objects;
+    accounts
+        .insert(account, encode_account(&info).as_slice())
+        .map_err(index)?;
+    Ok(())
 }
 
 /// The same refusal again, for a second copy of an object in one batch. Only the

@@ -541,6 +541,71 @@ fn accounts_are_isolated_and_bad_certificates_are_refused() {
             "a foreign CA's certificate is refused"
         );
 
+        // A certificate that has expired (valid for 0 days: it ended as it began).
+        let d = store.dir.to_str().unwrap();
+        run(&["account", "add", "carol", "--store", d]);
+        let carol = store.home.path().join("carol");
+        run(&[
+            "ca",
+            "issue",
+            "carol",
+            "--store",
+            d,
+            "--out",
+            carol.to_str().unwrap(),
+            "--days",
+            "0",
+        ]);
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let expired = client_config(&carol, &ca);
+        assert!(
+            Connection::open(server.address, expired).await.is_err(),
+            "an expired certificate is refused"
+        );
+
+        // The operator changes bob's quota while the server runs: the next upload
+        // sees it, and storing objects does not overwrite it.
+        run(&["account", "set-quota", "bob", "--store", d, "--hard", "100"]);
+        b.send(&[ClientMessage::Put {
+            id: id(10),
+            total: 200,
+            offset: 0,
+            data: &[1; 200],
+        }])
+        .await
+        .unwrap();
+        b.receive(|m| {
+            assert!(
+                matches!(
+                    m,
+                    ServerMessage::Refused {
+                        error: WireError::StoreFull { limit: 100, .. },
+                        ..
+                    }
+                ),
+                "{m:?}"
+            )
+        })
+        .await
+        .unwrap();
+        b.send(&[ClientMessage::Put {
+            id: id(11),
+            total: 50,
+            offset: 0,
+            data: &[2; 50],
+        }])
+        .await
+        .unwrap();
+        b.receive(|m| assert!(matches!(m, ServerMessage::Stored { .. }), "{m:?}"))
+            .await
+            .unwrap();
+        let info = run(&["account", "info", "bob", "--store", d, "--json"]);
+        let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+        assert_eq!(
+            (info["hard_limit"].as_u64(), info["used"].as_u64()),
+            (Some(100), Some(50))
+        );
+
         // No client certificate at all.
         let mut roots = rustls::RootCertStore::empty();
         roots

@@ -441,13 +441,7 @@ impl<B: Backend> ObjectStore<B> {
         self.account(account)?;
         let key = key(account, id);
         let txn = self.db.begin_read().map_err(index)?;
-        if txn
-            .open_table(OBJECTS)
-            .map_err(index)?
-            .get(key.as_slice())
-            .map_err(index)?
-            .is_some()
-        {
+        if is_stored(&txn, &key)? {
             return Ok(Holding::Stored);
         }
         if txn
@@ -503,13 +497,7 @@ impl<B: Backend> ObjectStore<B> {
         let key = key(account, id);
         let announced = {
             let txn = self.db.begin_read().map_err(index)?;
-            if txn
-                .open_table(OBJECTS)
-                .map_err(index)?
-                .get(key.as_slice())
-                .map_err(index)?
-                .is_some()
-            {
+            if is_stored(&txn, &key)? {
                 return Ok(PutOutcome::Stored);
             }
             let partials = txn.open_table(PARTIALS).map_err(index)?;
@@ -877,12 +865,7 @@ impl<B: Backend> ObjectStore<B> {
         let mut writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         // Another connection of the account may have stored the same object whole
         // meanwhile: then this upload is done, and nothing is charged twice.
-        let stored = {
-            let txn = self.db.begin_read().map_err(index)?;
-            let objects = txn.open_table(OBJECTS).map_err(index)?;
-            objects.get(key).map_err(index)?.is_some()
-        };
-        if stored {
+        if is_stored(&self.db.begin_read().map_err(index)?, key)? {
             let txn = self.db.begin_write().map_err(index)?;
             txn.open_table(PARTIALS)
                 .map_err(index)?
@@ -1070,6 +1053,12 @@ fn same_refusal(error: &StoreError) -> StoreError {
             source: std::io::Error::other(other.to_string()),
         },
     }
+}
+
+/// Whether the index holds an object under `key`, in a read transaction.
+fn is_stored(txn: &redb::ReadTransaction, key: &[u8]) -> Result<bool, StoreError> {
+    let objects = txn.open_table(OBJECTS).map_err(index)?;
+    Ok(objects.get(key).map_err(index)?.is_some())
 }
 
 fn check_quota(account: &str, info: &Account, wanted: u64) -> Result<(), StoreError> {

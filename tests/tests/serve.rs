@@ -692,3 +692,225 @@ fn hostile_bytes_end_only_their_own_session() {
         drop(idle);
     });
 }
+
+/// The issue's authorisation matrix: every operation against own objects, another
+/// account's and unknown ids, with valid, revoked, expired, foreign and absent
+/// certificates. Only the owner, with a valid certificate, reaches its objects.
+#[test]
+fn authorisation_matrix() {
+    let store = Store::new();
+    let d = store.dir.to_str().unwrap().to_string();
+    let ca = store.dir.join("ca/ca.crt");
+    // dave is revoked and erin's certificate has expired before the server starts.
+    for account in ["dave", "erin"] {
+        run(&["account", "add", account, "--store", &d]);
+        let days = if account == "erin" { "0" } else { "30" };
+        let prefix = store.credentials(account);
+        run(&[
+            "ca",
+            "issue",
+            account,
+            "--store",
+            &d,
+            "--out",
+            prefix.to_str().unwrap(),
+            "--days",
+            days,
+        ]);
+    }
+    run(&["ca", "revoke", "dave", "--store", &d]);
+    std::thread::sleep(Duration::from_millis(1100));
+    let server = store.start();
+    let other = Store::new();
+    runtime().block_on(async {
+        let (own, others, unknown) = (id(1), id(2), id(3));
+        let mut alice = Connection::open(
+            server.address,
+            client_config(&store.credentials("alice"), &ca),
+        )
+        .await
+        .unwrap();
+        let mut bob = Connection::open(
+            server.address,
+            client_config(&store.credentials("bob"), &ca),
+        )
+        .await
+        .unwrap();
+        alice
+            .send(&[ClientMessage::Put {
+                id: own,
+                total: 5,
+                offset: 0,
+                data: b"alice",
+            }])
+            .await
+            .unwrap();
+        alice
+            .receive(|m| assert!(matches!(m, ServerMessage::Stored { .. })))
+            .await
+            .unwrap();
+        bob.send(&[
+            ClientMessage::Put {
+                id: others,
+                total: 3,
+                offset: 0,
+                data: b"bob",
+            },
+            ClientMessage::Commit {
+                manifest_id: id(9),
+                parent: None,
+                manifest: b"bob's snapshot",
+            },
+        ])
+        .await
+        .unwrap();
+        bob.receive(|m| assert!(matches!(m, ServerMessage::Stored { .. })))
+            .await
+            .unwrap();
+        bob.receive(|m| assert!(matches!(m, ServerMessage::Committed { .. }), "{m:?}"))
+            .await
+            .unwrap();
+
+        // Query: only alice's own object is present to her.
+        alice
+            .send(&[ClientMessage::Query {
+                ids: vec![own, others, unknown],
+            }])
+            .await
+            .unwrap();
+        let states = alice
+            .receive(|m| match m {
+                ServerMessage::Present { states } => states,
+                other => panic!("{other:?}"),
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            states,
+            vec![
+                ObjectState::Stored,
+                ObjectState::Missing,
+                ObjectState::Missing
+            ]
+        );
+        // Get: own succeeds, the other's and unknown ids are missing.
+        for (target, allowed) in [(own, true), (others, false), (unknown, false)] {
+            alice
+                .send(&[ClientMessage::Get {
+                    id: target,
+                    offset: 0,
+                    len: 10,
+                }])
+                .await
+                .unwrap();
+            let got = alice
+                .receive(|m| matches!(m, ServerMessage::Object { .. }))
+                .await
+                .unwrap();
+            assert_eq!(got, allowed, "Get {target}");
+        }
+        // Put: an id bob uses becomes alice's own object; bob's stays bob's.
+        alice
+            .send(&[ClientMessage::Put {
+                id: others,
+                total: 5,
+                offset: 0,
+                data: b"ALICE",
+            }])
+            .await
+            .unwrap();
+        alice
+            .receive(|m| assert!(matches!(m, ServerMessage::Stored { .. })))
+            .await
+            .unwrap();
+        bob.send(&[ClientMessage::Get {
+            id: others,
+            offset: 0,
+            len: 10,
+        }])
+        .await
+        .unwrap();
+        let bobs = bob
+            .receive(|m| match m {
+                ServerMessage::Object { data, .. } => data.to_vec(),
+                other => panic!("{other:?}"),
+            })
+            .await
+            .unwrap();
+        assert_eq!(bobs, b"bob", "alice cannot overwrite bob's object");
+        // Commit: referencing an id only bob holds, or an unknown one, is refused.
+        for target in [id(9), unknown] {
+            alice
+                .send(&[
+                    ClientMessage::CommitIds {
+                        ids: vec![own, target],
+                    },
+                    ClientMessage::Commit {
+                        manifest_id: id(20),
+                        parent: None,
+                        manifest: b"alice's snapshot",
+                    },
+                ])
+                .await
+                .unwrap();
+            alice
+                .receive(|m| {
+                    assert!(
+                        matches!(m, ServerMessage::Error(WireError::MissingReferences { .. })),
+                        "{m:?}"
+                    )
+                })
+                .await
+                .unwrap();
+        }
+        // List and Usage show alice her own account only.
+        alice
+            .send(&[ClientMessage::List { from: 0 }, ClientMessage::Usage])
+            .await
+            .unwrap();
+        let listed = alice
+            .receive(|m| match m {
+                ServerMessage::Snapshots { head, entries, .. } => (head, entries.len()),
+                other => panic!("{other:?}"),
+            })
+            .await
+            .unwrap();
+        assert_eq!(listed, (None, 0), "bob's snapshot is not alice's");
+        let objects = alice
+            .receive(|m| match m {
+                ServerMessage::UsageReport { objects, .. } => objects,
+                other => panic!("{other:?}"),
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            objects, 3,
+            "own, the id bob also uses, and the refused commits' manifest"
+        );
+
+        // Every other kind of certificate gets no session at all, so no operation.
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_file(&ca).unwrap())
+            .unwrap();
+        let anonymous =
+            rustls::ClientConfig::builder_with_protocol_versions(&[&rustls::version::TLS13])
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+        let refused = [
+            ("revoked", client_config(&store.credentials("dave"), &ca)),
+            ("expired", client_config(&store.credentials("erin"), &ca)),
+            (
+                "foreign CA",
+                client_config(&other.credentials("alice"), &ca),
+            ),
+            ("no certificate", Arc::new(anonymous)),
+        ];
+        for (what, config) in refused {
+            assert!(
+                Connection::open(server.address, config).await.is_err(),
+                "{what} was let in"
+            );
+        }
+    });
+}

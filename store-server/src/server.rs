@@ -33,10 +33,14 @@ use crate::objects::{Holding, ObjectStore, PutOutcome};
 
 /// The ALPN name of protocol version 1.
 pub const ALPN: &[u8] = b"homing/1";
-/// Connections served at once; more wait in the kernel's accept queue.
+/// Sessions served at once; a client past its handshake waits for a place.
 pub const MAX_CONNECTIONS: usize = 256;
+/// Connections in their TLS handshake at once; more wait in the kernel's accept
+/// queue. Kept apart from sessions, so that idle connections that never finish a
+/// handshake cannot keep clients that do out for longer than the timeout.
+pub const MAX_HANDSHAKES: usize = 2048;
 /// Time a client has to finish its TLS handshake.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A connection silent for this long is closed. Clients send no keep-alives (they
 /// cost bytes on metered links); they reconnect, with TLS session resumption.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
@@ -116,13 +120,14 @@ impl<B: Backend + 'static> Server<B> {
         listener: TcpListener,
         shutdown: impl std::future::Future<Output = ()>,
     ) -> io::Result<()> {
-        let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+        let sessions = Arc::new(Semaphore::new(MAX_CONNECTIONS));
         let watcher = tokio::spawn(Arc::clone(&self).watch_revocations());
         tokio::pin!(shutdown);
         let result = loop {
             let permit = tokio::select! {
                 () = &mut shutdown => break Ok(()),
-                permit = Arc::clone(&permits).acquire_owned() => permit.expect("the semaphore is never closed"),
+                permit = Arc::clone(&handshakes).acquire_owned() => permit.expect("the semaphore is never closed"),
             };
             let (tcp, peer) = tokio::select! {
                 () = &mut shutdown => break Ok(()),
@@ -137,12 +142,11 @@ impl<B: Backend + 'static> Server<B> {
                     Err(error) => break Err(error),
                 },
             };
-            let server = Arc::clone(&self);
+            let (server, sessions) = (Arc::clone(&self), Arc::clone(&sessions));
             tokio::spawn(async move {
-                if let Err(error) = server.session(tcp, peer).await {
+                if let Err(error) = server.session(tcp, peer, permit, sessions).await {
                     tracing::info!(%peer, %error, "session ended");
                 }
-                drop(permit);
             });
         };
         watcher.abort();
@@ -184,7 +188,13 @@ impl<B: Backend + 'static> Server<B> {
             .contains(serial)
     }
 
-    async fn session(&self, tcp: TcpStream, peer: SocketAddr) -> Result<(), SessionError> {
+    async fn session(
+        &self,
+        tcp: TcpStream,
+        peer: SocketAddr,
+        handshake: tokio::sync::OwnedSemaphorePermit,
+        sessions: Arc<Semaphore>,
+    ) -> Result<(), SessionError> {
         tcp.set_nodelay(true)?;
         self.reload_if_revoked();
         let acceptor = self
@@ -196,6 +206,11 @@ impl<B: Backend + 'static> Server<B> {
         let mut tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
             .await
             .map_err(|_| SessionError::Timeout("handshake"))??;
+        drop(handshake);
+        let _session = sessions
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
         let client = {
             let (_, connection) = tls.get_ref();
             let certificate = connection

@@ -30,6 +30,15 @@ use crate::error::{StoreError, index};
 /// (16 MiB), its codec byte, and the seal overhead, with room to spare.
 pub const MAX_OBJECT_LEN: u32 = 16 * 1024 * 1024 + 1024;
 
+/// What the smallest sealed object takes (the seal's header and tag around an
+/// empty payload): every object is charged at least this, so that tiny or empty
+/// objects cannot fill the index for free.
+pub const MIN_CHARGE: u64 = 46;
+
+/// What a commit is charged per referenced id: the index stores every id, so the
+/// reference lists count against the hard quota like object bytes.
+pub const REFERENCE_COST: u64 = 32;
+
 /// A new segment is started once the current one reaches this size.
 pub const SEGMENT_TARGET: u64 = 64 * 1024 * 1024;
 
@@ -195,7 +204,6 @@ impl<B: Backend> ObjectStore<B> {
             writer: Mutex::new(Writer { segment, len }),
             shards: std::array::from_fn(|_| Mutex::new(())),
         };
-        store.remove_stray_partials()?;
         Ok(store)
     }
 
@@ -351,6 +359,18 @@ impl<B: Backend> ObjectStore<B> {
                     ids: missing,
                 });
             }
+            // The index keeps every referenced id, so the list is charged like
+            // object bytes: a client cannot fill the disk with commits.
+            let cost = REFERENCE_COST * references.len() as u64;
+            let info = txn
+                .open_table(ACCOUNTS)
+                .map_err(index)?
+                .get(account)
+                .map_err(index)?
+                .map(|v| decode_account(v.value()))
+                .ok_or_else(|| StoreError::UnknownAccount(account.to_string()))?;
+            check_quota(account, &info, cost)?;
+            charge(&txn, account, cost, 0)?;
             let sequence = head.map_or(1, |(_, s)| s + 1);
             let snapshot_key = snapshot_key(account, sequence);
             let mut value = Vec::with_capacity(32 + 8 + 33);
@@ -498,6 +518,18 @@ impl<B: Backend> ObjectStore<B> {
         let announced = {
             let txn = self.db.begin_read().map_err(index)?;
             if is_stored(&txn, &key)? {
+                let stale = txn
+                    .open_table(PARTIALS)
+                    .map_err(index)?
+                    .get(key.as_slice())
+                    .map_err(index)?
+                    .is_some();
+                drop(txn);
+                if stale {
+                    // Stored whole by another connection while this one had begun
+                    // piece by piece: the upload in progress is moot.
+                    self.forget_partial(account, id, &key)?;
+                }
                 return Ok(PutOutcome::Stored);
             }
             let partials = txn.open_table(PARTIALS).map_err(index)?;
@@ -609,7 +641,7 @@ impl<B: Backend> ObjectStore<B> {
                     pending = pending.saturating_sub(u64::from(total.value()));
                     empty_partials.push(key.clone());
                 }
-                let len = data.len() as u64;
+                let len = charged(data.len() as u64);
                 if info.hard_limit > 0 && info.used + pending + wanted + len > info.hard_limit {
                     results[i] = Some(Err(StoreError::StoreFull {
                         account: account.to_string(),
@@ -624,7 +656,7 @@ impl<B: Backend> ObjectStore<B> {
             }
         }
         if !accepted.is_empty() {
-            let mut buffer = Vec::with_capacity(wanted as usize);
+            let mut buffer = Vec::new();
             for (i, _) in &accepted {
                 buffer.extend_from_slice(objects[*i].1);
             }
@@ -790,7 +822,7 @@ impl<B: Backend> ObjectStore<B> {
                     if let Some(mut account) = current {
                         account.used = account
                             .used
-                            .saturating_sub(u64::from(decode_record(&record).len));
+                            .saturating_sub(charged(u64::from(decode_record(&record).len)));
                         account.objects = account.objects.saturating_sub(1);
                         accounts
                             .insert(damage.account.as_str(), encode_account(&account).as_slice())
@@ -877,7 +909,7 @@ impl<B: Backend> ObjectStore<B> {
             return Ok(());
         }
         let info = self.account(account)?;
-        check_quota(account, &info, u64::from(len))?;
+        check_quota(account, &info, charged(u64::from(len)))?;
         if writer.len >= SEGMENT_TARGET {
             writer.segment += 1;
             writer.len = 0;
@@ -908,13 +940,25 @@ impl<B: Backend> ObjectStore<B> {
                 .map_err(index)?
                 .remove(key)
                 .map_err(index)?;
-            charge(&txn, account, u64::from(len), 1)?;
+            charge(&txn, account, charged(u64::from(len)), 1)?;
         }
         txn.commit().map_err(index)?;
         drop(writer);
         // The object is safe; a partial file left by a failure here is no longer
         // named by the index and is removed the next time the store opens.
         let _ = fs::remove_file(path);
+        Ok(())
+    }
+
+    /// Drops an upload in progress: its record and its file.
+    fn forget_partial(&self, account: &str, id: &ObjectId, key: &[u8]) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(index)?;
+        txn.open_table(PARTIALS)
+            .map_err(index)?
+            .remove(key)
+            .map_err(index)?;
+        txn.commit().map_err(index)?;
+        let _ = fs::remove_file(self.partial_path(account, id));
         Ok(())
     }
 
@@ -935,8 +979,13 @@ impl<B: Backend> ObjectStore<B> {
     }
 
     /// Removes partial files the index no longer names (left by a crash between
-    /// the index transaction and the file's removal).
-    fn remove_stray_partials(&self) -> Result<(), StoreError> {
+    /// the index transaction and the file's removal). Only the server calls it,
+    /// when it starts: run by an admin command while the server works, it could
+    /// take a file whose record the server is about to commit.
+    ///
+    /// # Errors
+    /// An index failure, or a directory that cannot be listed.
+    pub fn remove_stray_partials(&self) -> Result<(), StoreError> {
         let root = self.dir.join("partial");
         let io = |path: &Path| {
             let path = path.to_path_buf();
@@ -998,6 +1047,11 @@ impl<B: Backend> ObjectStore<B> {
             }),
         }
     }
+}
+
+/// What an object of `len` bytes costs against the quota.
+fn charged(len: u64) -> u64 {
+    len.max(MIN_CHARGE)
 }
 
 /// Adds stored bytes and objects to an account, reading its record inside the
@@ -1074,7 +1128,10 @@ fn check_quota(account: &str, info: &Account, wanted: u64) -> Result<(), StoreEr
 }
 
 fn append_synced(path: &Path, data: &[u8]) -> Result<(), StoreError> {
+    // `create`: a partial file lost while its record stayed restarts at offset 0,
+    // as `partial_len` reports, instead of failing for ever.
     OpenOptions::new()
+        .create(true)
         .append(true)
         .open(path)
         .and_then(|mut f| {

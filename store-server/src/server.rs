@@ -71,6 +71,9 @@ pub enum ServerError {
     /// The CA's register could not be read.
     #[error(transparent)]
     Ca(#[from] crate::ca::CaError),
+    /// The object store could not be prepared.
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 /// A running store: the object store, its TLS configuration and the revoked serials.
@@ -98,6 +101,8 @@ impl<B: Backend + 'static> Server<B> {
         let ticketer = rustls::crypto::aws_lc_rs::Ticketer::new()
             .map_err(|e| ServerError::Tls(e.to_string()))?;
         let state = load_tls(dir, &ticketer)?;
+        // Leftovers of a crash; safe now, before any session can start an upload.
+        store.remove_stray_partials()?;
         Ok(Self {
             dir: dir.to_path_buf(),
             store,
@@ -239,7 +244,12 @@ impl<B: Backend + 'static> Server<B> {
                 // Objects wait in the batch only while more bytes are already at
                 // hand: when the input runs dry, they are stored and answered.
                 match tokio::time::timeout(Duration::ZERO, tls.read(&mut input)).await {
-                    Ok(read) => read?,
+                    Ok(Ok(read)) => read,
+                    Ok(Err(error)) => {
+                        // The connection broke, but what arrived whole is stored.
+                        tokio::task::block_in_place(|| self.store_batch(&mut session, &mut output));
+                        return Err(error.into());
+                    }
                     Err(_) => {
                         tokio::task::block_in_place(|| self.store_batch(&mut session, &mut output));
                         write_out(&mut tls, &mut output).await?;
@@ -320,7 +330,8 @@ impl<B: Backend + 'static> Server<B> {
             }
             write_out(&mut tls, &mut output).await?;
             if close {
-                tls.shutdown().await?;
+                // A client that stopped reading cannot hold its place by it.
+                let _ = tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.shutdown()).await;
                 return Ok(());
             }
         }

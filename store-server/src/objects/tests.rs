@@ -200,7 +200,7 @@ fn uploads_in_progress_count_against_the_quota() {
 }
 
 #[test]
-fn stray_partial_files_are_removed_when_the_store_opens() {
+fn stray_partial_files_are_removed_when_the_server_starts_and_only_then() {
     let fixture = Fixture::new();
     {
         let store = fixture.open();
@@ -213,6 +213,10 @@ fn stray_partial_files_are_removed_when_the_store_opens() {
     let stray = dir.join(format!("{}.part", id(81)));
     std::fs::write(&stray, b"left by a crash").unwrap();
     let store = fixture.open();
+    // An admin command opening the store while the server runs must not touch
+    // uploads: the server may be about to record this very file.
+    assert!(stray.exists());
+    store.remove_stray_partials().unwrap();
     assert!(!stray.exists());
     assert_eq!(
         store.holding("alice", &id(80)).unwrap(),
@@ -602,4 +606,63 @@ fn an_object_finished_both_ways_is_charged_once() {
     );
     let account = store.account("alice").unwrap();
     assert_eq!((account.used, account.objects), (1000, 1));
+}
+
+#[test]
+fn tiny_objects_and_reference_lists_are_charged() {
+    let fixture = Fixture::new();
+    let store = fixture.open();
+    store.add_account("alice", 0, 0).unwrap();
+    store.put_piece("alice", &id(130), 0, 0, &[]).unwrap();
+    store
+        .put_whole("alice", &[(id(131), &b"tiny"[..])])
+        .unwrap();
+    assert_eq!(store.account("alice").unwrap().used, 2 * MIN_CHARGE);
+    let references: Vec<ObjectId> = vec![id(130), id(131), id(130)];
+    store
+        .commit("alice", &id(131), None, &references, 1)
+        .unwrap();
+    assert_eq!(
+        store.account("alice").unwrap().used,
+        2 * MIN_CHARGE + 3 * REFERENCE_COST
+    );
+    // A commit whose list does not fit under the hard quota is refused whole.
+    store
+        .update_account("alice", |a| {
+            a.hard_limit = 2 * MIN_CHARGE + 4 * REFERENCE_COST
+        })
+        .unwrap();
+    let full = store
+        .commit("alice", &id(131), Some(&id(131)), &references, 2)
+        .unwrap_err();
+    assert!(matches!(full, StoreError::StoreFull { .. }), "{full}");
+    assert_eq!(store.snapshots("alice", 0, 10).unwrap().entries.len(), 1);
+}
+
+#[test]
+fn a_lost_partial_file_restarts_its_upload_at_zero() {
+    let fixture = Fixture::new();
+    let store = fixture.open();
+    store.add_account("alice", 0, 0).unwrap();
+    let bytes = object(140, 100);
+    store
+        .put_piece("alice", &id(140), 100, 0, &bytes[..40])
+        .unwrap();
+    std::fs::remove_file(
+        fixture
+            .dir
+            .path()
+            .join("partial/alice")
+            .join(format!("{}.part", id(140))),
+    )
+    .unwrap();
+    assert_eq!(
+        store.holding("alice", &id(140)).unwrap(),
+        Holding::Partial(0)
+    );
+    assert_eq!(
+        store.put_piece("alice", &id(140), 100, 0, &bytes).unwrap(),
+        PutOutcome::Stored
+    );
+    assert_eq!(store.read("alice", &id(140), 0, 100).unwrap().1, bytes);
 }

@@ -160,6 +160,29 @@ struct Writer {
     len: u64,
 }
 
+impl Writer {
+    /// Appends `bytes` to the current segment (a new one once it has reached
+    /// [`SEGMENT_TARGET`]) and returns the segment and offset they start at. On a
+    /// failure the torn tail is cut off, so that the segment holds only whole
+    /// objects; if even that fails, the tail stays unreferenced dead space.
+    fn append(&mut self, backend: &impl Backend, bytes: &[u8]) -> Result<(u64, u64), StoreError> {
+        if self.len >= SEGMENT_TARGET {
+            self.segment += 1;
+            self.len = 0;
+        }
+        match backend.append(self.segment, bytes) {
+            Ok(offset) => {
+                self.len = offset + bytes.len() as u64;
+                Ok((self.segment, offset))
+            }
+            Err(error) => {
+                let _ = backend.truncate(self.segment, self.len);
+                Err(error.into())
+            }
+        }
+    }
+}
+
 /// Per-account object storage over a [`Backend`].
 pub struct ObjectStore<B> {
     dir: PathBuf,
@@ -361,16 +384,13 @@ impl<B: Backend> ObjectStore<B> {
             }
             // The index keeps every referenced id, so the list is charged like
             // object bytes: a client cannot fill the disk with commits.
-            let cost = REFERENCE_COST * references.len() as u64;
-            let info = txn
-                .open_table(ACCOUNTS)
-                .map_err(index)?
-                .get(account)
-                .map_err(index)?
-                .map(|v| decode_account(v.value()))
-                .ok_or_else(|| StoreError::UnknownAccount(account.to_string()))?;
-            check_quota(account, &info, cost)?;
-            charge(&txn, account, cost, 0)?;
+            charge(
+                &txn,
+                account,
+                REFERENCE_COST * references.len() as u64,
+                0,
+                Quota::Enforce,
+            )?;
             let sequence = head.map_or(1, |(_, s)| s + 1);
             let snapshot_key = snapshot_key(account, sequence);
             let mut value = Vec::with_capacity(32 + 8 + 33);
@@ -404,6 +424,36 @@ impl<B: Backend> ObjectStore<B> {
         Ok(sequence)
     }
 
+    /// How many snapshots the account keeps, counted in the index without reading
+    /// them.
+    ///
+    /// # Errors
+    /// An unknown account, or an index failure.
+    pub fn snapshot_count(&self, account: &str) -> Result<u64, StoreError> {
+        self.account(account)?;
+        let txn = self.db.begin_read().map_err(index)?;
+        let table = txn.open_table(SNAPSHOTS).map_err(index)?;
+        let (start, end) = (snapshot_key(account, 0), snapshot_key(account, u64::MAX));
+        let mut count = 0;
+        for entry in table
+            .range(start.as_slice()..=end.as_slice())
+            .map_err(index)?
+        {
+            entry.map_err(index)?;
+            count += 1;
+        }
+        Ok(count)
+    }
+
+    /// The account's head: the manifest id of its newest snapshot, if any.
+    ///
+    /// # Errors
+    /// An unknown account, or an index failure.
+    pub fn head(&self, account: &str) -> Result<Option<ObjectId>, StoreError> {
+        self.account(account)?;
+        read_head(&self.db.begin_read().map_err(index)?, account)
+    }
+
     /// The account's head, and up to `limit` snapshots from sequence `from` on,
     /// oldest first, with whether more follow.
     ///
@@ -417,12 +467,7 @@ impl<B: Backend> ObjectStore<B> {
     ) -> Result<Snapshots, StoreError> {
         self.account(account)?;
         let txn = self.db.begin_read().map_err(index)?;
-        let head = txn
-            .open_table(HEADS)
-            .map_err(index)?
-            .get(account)
-            .map_err(index)?
-            .map(|v| decode_head(v.value()).0);
+        let head = read_head(&txn, account)?;
         let table = txn.open_table(SNAPSHOTS).map_err(index)?;
         let start = snapshot_key(account, from);
         let end = snapshot_key(account, u64::MAX);
@@ -642,13 +687,8 @@ impl<B: Backend> ObjectStore<B> {
                     empty_partials.push(key.clone());
                 }
                 let len = charged(data.len() as u64);
-                if info.hard_limit > 0 && info.used + pending + wanted + len > info.hard_limit {
-                    results[i] = Some(Err(StoreError::StoreFull {
-                        account: account.to_string(),
-                        used: info.used,
-                        limit: info.hard_limit,
-                        wanted: pending + wanted + len,
-                    }));
+                if let Err(full) = check_quota(account, &info, pending + wanted + len) {
+                    results[i] = Some(Err(full));
                     continue;
                 }
                 wanted += len;
@@ -660,18 +700,7 @@ impl<B: Backend> ObjectStore<B> {
             for (i, _) in &accepted {
                 buffer.extend_from_slice(objects[*i].1);
             }
-            if writer.len >= SEGMENT_TARGET {
-                writer.segment += 1;
-                writer.len = 0;
-            }
-            let base = match self.backend.append(writer.segment, &buffer) {
-                Ok(offset) => offset,
-                Err(error) => {
-                    let _ = self.backend.truncate(writer.segment, writer.len);
-                    return Err(error.into());
-                }
-            };
-            writer.len = base + buffer.len() as u64;
+            let (segment, base) = writer.append(&self.backend, &buffer)?;
             let txn = self.db.begin_write().map_err(index)?;
             {
                 let mut table = txn.open_table(OBJECTS).map_err(index)?;
@@ -679,7 +708,7 @@ impl<B: Backend> ObjectStore<B> {
                 for (i, key) in &accepted {
                     let data = objects[*i].1;
                     let record = Record {
-                        segment: writer.segment,
+                        segment,
                         offset,
                         len: u32::try_from(data.len()).expect("bounded by MAX_OBJECT_LEN"),
                         checksum: *blake3::hash(data).as_bytes(),
@@ -693,7 +722,7 @@ impl<B: Backend> ObjectStore<B> {
                 for key in &empty_partials {
                     partials.remove(key.as_slice()).map_err(index)?;
                 }
-                charge(&txn, account, wanted, accepted.len() as u64)?;
+                charge(&txn, account, wanted, accepted.len() as u64, Quota::Checked)?;
             }
             txn.commit().map_err(index)?;
             for (i, _) in &accepted {
@@ -910,22 +939,9 @@ impl<B: Backend> ObjectStore<B> {
         }
         let info = self.account(account)?;
         check_quota(account, &info, charged(u64::from(len)))?;
-        if writer.len >= SEGMENT_TARGET {
-            writer.segment += 1;
-            writer.len = 0;
-        }
-        let offset = match self.backend.append(writer.segment, &bytes) {
-            Ok(offset) => offset,
-            Err(error) => {
-                // Drop a torn tail, so that the segment holds only whole objects.
-                // If even that fails, the tail stays unreferenced dead space.
-                let _ = self.backend.truncate(writer.segment, writer.len);
-                return Err(error.into());
-            }
-        };
-        writer.len = offset + u64::from(len);
+        let (segment, offset) = writer.append(&self.backend, &bytes)?;
         let record = Record {
-            segment: writer.segment,
+            segment,
             offset,
             len,
             checksum,
@@ -940,7 +956,7 @@ impl<B: Backend> ObjectStore<B> {
                 .map_err(index)?
                 .remove(key)
                 .map_err(index)?;
-            charge(&txn, account, charged(u64::from(len)), 1)?;
+            charge(&txn, account, charged(u64::from(len)), 1, Quota::Checked)?;
         }
         txn.commit().map_err(index)?;
         drop(writer);
@@ -1054,14 +1070,24 @@ fn charged(len: u64) -> u64 {
     len.max(MIN_CHARGE)
 }
 
+/// Whether [`charge`] checks the hard quota itself.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Quota {
+    /// Refuse what does not fit (nothing was written yet).
+    Enforce,
+    /// The quota was checked before the bytes were written; charge them.
+    Checked,
+}
+
 /// Adds stored bytes and objects to an account, reading its record inside the
 /// write transaction: an admin command in another process may have changed the
-/// quotas since it was read for the quota check.
+/// quotas since it was read for an earlier quota check.
 fn charge(
     txn: &redb::WriteTransaction,
     account: &str,
     bytes: u64,
     objects: u64,
+    quota: Quota,
 ) -> Result<(), StoreError> {
     let mut accounts = txn.open_table(ACCOUNTS).map_err(index)?;
     let mut info = accounts
@@ -1069,6 +1095,9 @@ fn charge(
         .map_err(index)?
         .map(|v| decode_account(v.value()))
         .ok_or_else(|| StoreError::UnknownAccount(account.to_string()))?;
+    if quota == Quota::Enforce {
+        check_quota(account, &info, bytes)?;
+    }
     info.used += bytes;
     info.objects += objects;
     accounts
@@ -1107,6 +1136,15 @@ fn same_refusal(error: &StoreError) -> StoreError {
             source: std::io::Error::other(other.to_string()),
         },
     }
+}
+
+/// The account's head manifest, in a read transaction.
+fn read_head(txn: &redb::ReadTransaction, account: &str) -> Result<Option<ObjectId>, StoreError> {
+    let heads = txn.open_table(HEADS).map_err(index)?;
+    Ok(heads
+        .get(account)
+        .map_err(index)?
+        .map(|v| decode_head(v.value()).0))
 }
 
 /// Whether the index holds an object under `key`, in a read transaction.

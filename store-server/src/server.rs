@@ -475,14 +475,14 @@ impl<B: Backend + 'static> Server<B> {
                 // the client must build a new one. (Commit checks again, atomically.)
                 let result = self
                     .store
-                    .snapshots(&account, u64::MAX, 0)
-                    .and_then(|page| {
-                        if page.head == parent {
+                    .head(&account)
+                    .and_then(|head| {
+                        if head == parent {
                             Ok(())
                         } else {
                             Err(StoreError::StaleParent {
                                 account: account.clone(),
-                                head: page.head,
+                                head,
                             })
                         }
                     })
@@ -549,23 +549,23 @@ impl<B: Backend + 'static> Server<B> {
                     Err(error) => ServerMessage::Error(wire_error(&error)).encode(out),
                 }
             }
-            ClientMessage::Usage => match self.store.account(&account) {
-                Ok(info) => {
-                    let snapshots = self
-                        .store
-                        .snapshots(&account, 0, usize::MAX)
-                        .map_or(0, |p| p.entries.len() as u64);
-                    ServerMessage::UsageReport {
+            ClientMessage::Usage => {
+                let usage = self
+                    .store
+                    .account(&account)
+                    .and_then(|info| Ok((info, self.store.snapshot_count(&account)?)));
+                match usage {
+                    Ok((info, snapshots)) => ServerMessage::UsageReport {
                         used: info.used,
                         objects: info.objects,
                         snapshots,
                         soft_limit: info.soft_limit,
                         hard_limit: info.hard_limit,
                     }
-                    .encode(out);
+                    .encode(out),
+                    Err(error) => ServerMessage::Error(wire_error(&error)).encode(out),
                 }
-                Err(error) => ServerMessage::Error(wire_error(&error)).encode(out),
-            },
+            }
             ClientMessage::Bye => return Flow::Close,
         }
         Flow::Continue

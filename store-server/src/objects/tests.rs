@@ -428,6 +428,9 @@ fn commits_are_atomic_chained_and_refuse_missing_objects() {
             .unwrap(),
         2
     );
+    assert_eq!(store.head("alice").unwrap(), Some(id(61)));
+    assert_eq!(store.snapshot_count("alice").unwrap(), 2);
+    assert_eq!(store.snapshot_count("bob").unwrap(), 0);
     let page = store.snapshots("alice", 0, 1).unwrap();
     assert_eq!(page.head, Some(id(61)));
     assert_eq!(

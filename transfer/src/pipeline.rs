@@ -111,7 +111,8 @@ where
             deliver(SealedChunk { span, object })?;
         }
     } else {
-        run_parallel(reader, keys, options, &mut deliver)?;
+        let cutter = Cutter::new(ChunkerParams::V1, keys.chunker_seed());
+        run_segments(reader, keys, options, cutter, SEGMENT_LEN, &mut deliver)?;
     }
     Ok(summary)
 }
@@ -126,21 +127,6 @@ fn next<R: Read>(chunker: &mut Chunker<R>) -> Result<Option<(ChunkSpan, &[u8])>,
 /// Length of the segments the parallel pipeline reads: large against the chunks, so
 /// that the sequential walk across each seam is a small part of the work.
 const SEGMENT_LEN: usize = 2 << 20;
-
-fn run_parallel<R, E, F>(
-    reader: R,
-    keys: &KeyRing,
-    options: PipelineOptions,
-    deliver: &mut F,
-) -> Result<(), E>
-where
-    R: Read + Send,
-    E: From<Error> + Send,
-    F: FnMut(SealedChunk) -> Result<(), E> + Send,
-{
-    let cutter = Cutter::new(ChunkerParams::V1, keys.chunker_seed());
-    run_segments(reader, keys, options, cutter, SEGMENT_LEN, deliver)
-}
 
 fn run_segments<R, E, F>(
     reader: R,

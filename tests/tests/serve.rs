@@ -168,6 +168,39 @@ impl Connection {
         self.tls.flush().await
     }
 
+    /// Sends an object whole, in one piece, and requires its Stored.
+    async fn put_whole(&mut self, object: ObjectId, data: &[u8]) {
+        self.send(&[ClientMessage::Put {
+            id: object,
+            total: data.len() as u32,
+            offset: 0,
+            data,
+        }])
+        .await
+        .expect("the Put is sent");
+        let stored = self
+            .receive(|m| match m {
+                ServerMessage::Stored { id } => id,
+                other => panic!("{other:?}"),
+            })
+            .await
+            .expect("a reply to the Put");
+        assert_eq!(stored, object);
+    }
+
+    /// Asks which of `ids` the store holds.
+    async fn query(&mut self, ids: Vec<ObjectId>) -> Vec<ObjectState> {
+        self.send(&[ClientMessage::Query { ids }])
+            .await
+            .expect("the Query is sent");
+        self.receive(|m| match m {
+            ServerMessage::Present { states } => states,
+            other => panic!("{other:?}"),
+        })
+        .await
+        .expect("a reply to the Query")
+    }
+
     async fn receive<T>(&mut self, f: impl FnOnce(ServerMessage<'_>) -> T) -> std::io::Result<T> {
         loop {
             if let Some(frame) = self.decoder.next_frame().map_err(std::io::Error::other)? {
@@ -396,16 +429,7 @@ fn a_cut_upload_resumes_at_the_offset_the_server_confirms_even_after_kill_9() {
             .collect();
         c.send(&pieces).await.unwrap();
         // Make sure the server took them: a Query is answered after the pieces.
-        c.send(&[ClientMessage::Query { ids: vec![id(7)] }])
-            .await
-            .unwrap();
-        let state = c
-            .receive(|m| match m {
-                ServerMessage::Present { states } => states[0],
-                other => panic!("{other:?}"),
-            })
-            .await
-            .unwrap();
+        let state = c.query(vec![id(7)]).await[0];
         assert_eq!(state, ObjectState::Partial(120_000));
         // The connection is cut: dropped without a word.
     });
@@ -415,16 +439,7 @@ fn a_cut_upload_resumes_at_the_offset_the_server_confirms_even_after_kill_9() {
     let server = store.start();
     runtime().block_on(async {
         let mut c = Connection::open(server.address, config).await.unwrap();
-        c.send(&[ClientMessage::Query { ids: vec![id(7)] }])
-            .await
-            .unwrap();
-        let state = c
-            .receive(|m| match m {
-                ServerMessage::Present { states } => states[0],
-                other => panic!("{other:?}"),
-            })
-            .await
-            .unwrap();
+        let state = c.query(vec![id(7)]).await[0];
         let ObjectState::Partial(held) = state else {
             panic!("{state:?}")
         };
@@ -499,17 +514,7 @@ fn accounts_are_isolated_and_bad_certificates_are_refused() {
         let mut a = Connection::open(server.address, Arc::clone(&alice))
             .await
             .unwrap();
-        a.send(&[ClientMessage::Put {
-            id: id(9),
-            total: 3,
-            offset: 0,
-            data: b"abc",
-        }])
-        .await
-        .unwrap();
-        a.receive(|m| assert!(matches!(m, ServerMessage::Stored { .. })))
-            .await
-            .unwrap();
+        a.put_whole(id(9), b"abc").await;
 
         let mut b = Connection::open(server.address, bob).await.unwrap();
         b.send(&[
@@ -591,17 +596,7 @@ fn accounts_are_isolated_and_bad_certificates_are_refused() {
         })
         .await
         .unwrap();
-        b.send(&[ClientMessage::Put {
-            id: id(11),
-            total: 50,
-            offset: 0,
-            data: &[2; 50],
-        }])
-        .await
-        .unwrap();
-        b.receive(|m| assert!(matches!(m, ServerMessage::Stored { .. }), "{m:?}"))
-            .await
-            .unwrap();
+        b.put_whole(id(11), &[2; 50]).await;
         let info = run(&["account", "info", "bob", "--store", d, "--json"]);
         let info: serde_json::Value = serde_json::from_str(&info).unwrap();
         assert_eq!(
@@ -746,19 +741,7 @@ fn authorisation_matrix() {
         )
         .await
         .unwrap();
-        alice
-            .send(&[ClientMessage::Put {
-                id: own,
-                total: 5,
-                offset: 0,
-                data: b"alice",
-            }])
-            .await
-            .unwrap();
-        alice
-            .receive(|m| assert!(matches!(m, ServerMessage::Stored { .. })))
-            .await
-            .unwrap();
+        alice.put_whole(own, b"alice").await;
         bob.send(&[
             ClientMessage::Put {
                 id: others,
@@ -782,19 +765,7 @@ fn authorisation_matrix() {
             .unwrap();
 
         // Query: only alice's own object is present to her.
-        alice
-            .send(&[ClientMessage::Query {
-                ids: vec![own, others, unknown],
-            }])
-            .await
-            .unwrap();
-        let states = alice
-            .receive(|m| match m {
-                ServerMessage::Present { states } => states,
-                other => panic!("{other:?}"),
-            })
-            .await
-            .unwrap();
+        let states = alice.query(vec![own, others, unknown]).await;
         assert_eq!(
             states,
             vec![
@@ -820,19 +791,7 @@ fn authorisation_matrix() {
             assert_eq!(got, allowed, "Get {target}");
         }
         // Put: an id bob uses becomes alice's own object; bob's stays bob's.
-        alice
-            .send(&[ClientMessage::Put {
-                id: others,
-                total: 5,
-                offset: 0,
-                data: b"ALICE",
-            }])
-            .await
-            .unwrap();
-        alice
-            .receive(|m| assert!(matches!(m, ServerMessage::Stored { .. })))
-            .await
-            .unwrap();
+        alice.put_whole(others, b"ALICE").await;
         bob.send(&[ClientMessage::Get {
             id: others,
             offset: 0,

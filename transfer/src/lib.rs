@@ -1,6 +1,6 @@
 //! Homing's transfer layer: chunking, the sealed object format, the sealing
-//! pipeline, and the wire protocol codec ([`proto`]). (The upload session, the TLS
-//! driver and the metered stream join it later.)
+//! pipeline, the wire protocol codec ([`proto`]), the metered stream and the
+//! client side of the protocol over TLS.
 //!
 //! - [`Chunker`] cuts a stream with FastCDC (2020) under a key-seeded gear table
 //!   and the pinned [`ChunkerParams::V1`];
@@ -9,7 +9,9 @@
 //! - [`seal_stream`] runs both over a reader on several threads, in bounded memory;
 //! - [`proto`] encodes and decodes the frames of the wire protocol;
 //! - `stream` (feature `stream`, default) meters, counts and rate-limits every byte
-//!   of a client's connection.
+//!   of a client's connection;
+//! - `client` (feature `client`) connects to the store over TLS through the metered
+//!   stream and runs queries, resumable uploads, commits and fetches, pipelined.
 //!
 //! Everything but [`proto`] needs the `sealing` feature (on by default), which
 //! brings the owner's keys; the store server builds without it.
@@ -38,6 +40,8 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+#[cfg(feature = "client")]
+pub mod client;
 pub mod proto;
 #[cfg(feature = "stream")]
 pub mod stream;

@@ -409,9 +409,15 @@ fn run_account(command: AccountCommand) -> anyhow::Result<()> {
             }
         }
         AccountCommand::Info { name, store, json } => {
-            let account = open_store(&store.dir)?.account(&name)?;
+            let objects = open_store(&store.dir)?;
+            let account = objects.account(&name)?;
+            let snapshots = objects.snapshot_count(&name)?;
+            let head = objects.head(&name)?;
             if json {
-                println!("{}", account_json(&name, &account));
+                let mut value = account_json(&name, &account);
+                value["snapshots"] = snapshots.into();
+                value["head"] = head.map(|h| h.to_string()).into();
+                println!("{value}");
             } else {
                 println!(
                     "account:  {name}{}",
@@ -420,6 +426,10 @@ fn run_account(command: AccountCommand) -> anyhow::Result<()> {
                 println!(
                     "used:     {} bytes in {} objects",
                     account.used, account.objects
+                );
+                println!(
+                    "snapshots: {snapshots}, head {}",
+                    head.map_or_else(|| "none".to_string(), |h| h.to_string())
                 );
                 println!("soft:     {}", limit(account.soft_limit));
                 println!("hard:     {}", limit(account.hard_limit));

@@ -24,6 +24,22 @@ pub struct Cli {
 /// The commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Set up this client: store address and certificates, a new master key.
+    Init(InitArgs),
+    /// Try Homing on this machine: a store server on loopback, a client, a first
+    /// backup of PATH.
+    Quickstart(QuickstartArgs),
+    /// Back up the configured sets (or one set, or the paths given).
+    Backup(BackupArgs),
+    /// List the store's snapshots.
+    Snapshots(SnapshotsArgs),
+    /// List the files of a snapshot.
+    Ls(LsArgs),
+    /// Restore a snapshot, or a path of it, under a target directory.
+    Restore(RestoreArgs),
+    /// Check that a snapshot is complete in the store; --read-data fetches and
+    /// authenticates every object.
+    Verify(VerifyArgs),
     /// Manage the master key: generate, export to paper, import, fingerprint.
     #[command(subcommand)]
     Key(KeyCommand),
@@ -86,4 +102,133 @@ pub struct NewPassphrase {
     /// Write the key unwrapped, protected by file mode 0600 only.
     #[arg(long)]
     pub no_passphrase: bool,
+}
+
+/// How to unlock an existing key file.
+#[derive(Debug, Clone, Args)]
+pub struct Unlock {
+    /// File holding the key file's passphrase (first line).
+    #[arg(long, value_name = "FILE", env = "HOMING_PASSPHRASE_FILE")]
+    pub passphrase_file: Option<PathBuf>,
+}
+
+/// `homing init`
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// The store server, HOST:PORT.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub store: String,
+    /// The name in the store's certificate (default: HOST).
+    #[arg(long, value_name = "NAME")]
+    pub server_name: Option<String>,
+    /// The store's CA certificate (from `homing-store ca issue`: PREFIX-ca.crt).
+    #[arg(long, value_name = "FILE")]
+    pub ca: PathBuf,
+    /// This client's certificate (PREFIX.crt).
+    #[arg(long, value_name = "FILE")]
+    pub cert: PathBuf,
+    /// This client's private key (PREFIX.key).
+    #[arg(long, value_name = "FILE")]
+    pub key: PathBuf,
+    /// Create a backup set `default` with these paths.
+    #[arg(long = "backup", value_name = "PATH")]
+    pub paths: Vec<PathBuf>,
+    /// How the new key file is protected.
+    #[command(flatten)]
+    pub passphrase: NewPassphrase,
+}
+
+/// `homing quickstart`
+#[derive(Debug, Args)]
+pub struct QuickstartArgs {
+    /// What to back up.
+    #[arg(required = true, value_name = "PATH")]
+    pub paths: Vec<PathBuf>,
+    /// The store directory (default: the XDG data directory's homing/quickstart-store).
+    #[arg(long, value_name = "DIR")]
+    pub store_dir: Option<PathBuf>,
+    /// The loopback port of the store server.
+    #[arg(long, default_value_t = 7473)]
+    pub port: u16,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `homing backup`
+#[derive(Debug, Args)]
+pub struct BackupArgs {
+    /// Only this set (with PATHs: the name of the set they form, default `default`).
+    #[arg(long, value_name = "NAME")]
+    pub set: Option<String>,
+    /// Back up these paths instead of the configured sets.
+    #[arg(value_name = "PATH")]
+    pub paths: Vec<PathBuf>,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Unlocking the key.
+    #[command(flatten)]
+    pub unlock: Unlock,
+}
+
+/// `homing snapshots`
+#[derive(Debug, Args)]
+pub struct SnapshotsArgs {
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Unlocking the key.
+    #[command(flatten)]
+    pub unlock: Unlock,
+}
+
+/// `homing ls`
+#[derive(Debug, Args)]
+pub struct LsArgs {
+    /// The snapshot: its id, a unique prefix of it, or `latest`.
+    pub snapshot: String,
+    /// Only below this path (absolute, as backed up).
+    pub path: Option<PathBuf>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Unlocking the key.
+    #[command(flatten)]
+    pub unlock: Unlock,
+}
+
+/// `homing restore`
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// The snapshot: its id, a unique prefix of it, or `latest`.
+    pub snapshot: String,
+    /// Only this path (absolute, as backed up).
+    pub path: Option<PathBuf>,
+    /// Where to restore; paths keep their layout below it.
+    #[arg(long, value_name = "DIR")]
+    pub target: PathBuf,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Unlocking the key.
+    #[command(flatten)]
+    pub unlock: Unlock,
+}
+
+/// `homing verify`
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// The snapshot (default: latest).
+    #[arg(default_value = "latest")]
+    pub snapshot: String,
+    /// Fetch and authenticate every object, not only check that it is stored.
+    #[arg(long)]
+    pub read_data: bool,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Unlocking the key.
+    #[command(flatten)]
+    pub unlock: Unlock,
 }

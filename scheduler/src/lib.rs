@@ -1,21 +1,37 @@
-//! Homing's client: the `homing` command and, in later issues, the daemon.
+//! Homing's client: the `homing` command and, in a later issue, the daemon.
 //!
 //! # Layout
 //!
 //! - [`cli`]: the command line (clap);
 //! - [`paths`]: where configuration and state live (XDG directories, `--config`);
+//! - [`config`]: `config.toml`: the store, the spool, the backup sets;
 //! - [`key`]: `homing key ...`, the master key's life: generate, export to paper,
 //!   import from paper, fingerprint;
+//! - [`setup`]: `homing init` and `homing quickstart`;
+//! - [`state`]: the local redb database: index, spool, known ids, newest head;
+//! - [`tree`]: trees, chunk lists and manifests (the plaintext of snapshots);
+//! - [`backup`]: scan, seal into the spool, upload, commit;
+//! - [`restore`]: snapshots, ls, restore, verify;
+//! - [`remote`]: the connection to the store and the rollback checks;
+//! - [`commands`]: the commands that talk to the store, as the CLI runs them;
 //! - [`logging`]: tracing set-up for the binary.
 //!
-//! Commands that later issues bring (`init`, `backup`, `restore`, `daemon`, ...)
-//! are recognised and refused with a clear message and exit code 2, so that a
-//! script never mistakes them for having worked.
+//! Commands that later issues bring (`daemon`, `status`, ...) are recognised and
+//! refused with a clear message and exit code 2, so that a script never mistakes
+//! them for having worked.
 
+pub mod backup;
 pub mod cli;
+pub mod commands;
+pub mod config;
 pub mod key;
 pub mod logging;
 pub mod paths;
+pub mod remote;
+pub mod restore;
+pub mod setup;
+pub mod state;
+pub mod tree;
 
 use std::process::ExitCode;
 
@@ -31,6 +47,13 @@ pub const EXIT_UNAVAILABLE: u8 = 2;
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let paths = paths::Paths::resolve(cli.config.as_deref())?;
     match cli.command {
+        Command::Init(args) => setup::init(&paths, args),
+        Command::Quickstart(args) => setup::quickstart(&paths, &args),
+        Command::Backup(args) => commands::backup(&paths, &args),
+        Command::Snapshots(args) => commands::snapshots(&paths, &args),
+        Command::Ls(args) => commands::ls(&paths, &args),
+        Command::Restore(args) => commands::restore(&paths, &args),
+        Command::Verify(args) => commands::verify(&paths, &args),
         Command::Key(command) => key::run(&paths, command).map(|()| ExitCode::SUCCESS),
         Command::Other(words) => Ok(unavailable(&words)),
     }
@@ -39,18 +62,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 /// Commands that later issues implement.
 const PLANNED: &[(&str, &str)] = &[
     (
-        "init",
-        "set up a client (config, master key, store certificates)",
-    ),
-    (
         "enroll",
         "finish an air-gapped set-up with a signed certificate",
     ),
-    ("backup", "back up the configured sets"),
-    ("snapshots", "list snapshots"),
-    ("ls", "list the files of a snapshot"),
-    ("restore", "restore files from a snapshot"),
-    ("verify", "verify snapshots against the store"),
     (
         "daemon",
         "run the scheduler, network watcher and release loop",

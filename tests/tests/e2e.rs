@@ -3,6 +3,7 @@
 //! One test binary with one module per area (as ripgrep and rustic do), so that
 //! the workspace links one executable for all of them.
 
+mod backup;
 mod key;
 mod serve;
 mod store;
@@ -60,4 +61,51 @@ fn ok(output: Output) -> String {
         stderr(&output)
     );
     stdout(&output)
+}
+
+/// Runs `homing-store` with the arguments; requires success and returns stdout.
+fn homing_store(args: &[&str]) -> String {
+    let out = std::process::Command::new(binary("homing-store"))
+        .args(args)
+        .env_remove("HOMING_STORE")
+        .output()
+        .expect("homing-store runs");
+    assert!(
+        out.status.success(),
+        "homing-store {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Starts `homing-store serve` on a free loopback port with the log level given,
+/// its log going to `log` (or the test's stderr); returns it and its address.
+fn serve(
+    store: &Path,
+    log_level: &str,
+    log: Option<std::fs::File>,
+) -> (std::process::Child, std::net::SocketAddr) {
+    use std::io::{BufRead, BufReader};
+    let mut command = Command::new(binary("homing-store"));
+    command
+        .args(["serve", "--store"])
+        .arg(store)
+        .args(["--listen", "127.0.0.1:0"])
+        .env("RUST_LOG", log_level)
+        .stdout(Stdio::piped());
+    if let Some(log) = log {
+        command.stderr(log);
+    }
+    let mut child = command.spawn().expect("homing-store serve starts");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout is piped"))
+        .read_line(&mut line)
+        .expect("the server says where it listens");
+    let address = line
+        .trim()
+        .strip_prefix("listening on ")
+        .expect("listening on ADDR")
+        .parse()
+        .expect("an address");
+    (child, address)
 }

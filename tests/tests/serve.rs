@@ -1,15 +1,15 @@
 //! `homing-store serve`: a real server process, real certificates from its CA, TLS
 //! 1.3 over loopback, and a client speaking the wire protocol.
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::Arc;
 use std::time::Duration;
 
 use homing_crypto::ObjectId;
-use homing_e2e::binary;
+
+use super::homing_store as run;
 use homing_transfer::proto::{
     ClientMessage, Frame, FrameDecoder, MAX_FRAME_PAYLOAD, ObjectState, ServerMessage, WireError,
 };
@@ -52,43 +52,9 @@ impl Store {
     }
 
     fn start(&self) -> Server {
-        let mut child = Command::new(binary("homing-store"))
-            .args([
-                "serve",
-                "--store",
-                self.dir.to_str().expect("UTF-8"),
-                "--listen",
-                "127.0.0.1:0",
-            ])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("homing-store serve starts");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout is piped"))
-            .read_line(&mut line)
-            .expect("the server says where it listens");
-        let address = line
-            .trim()
-            .strip_prefix("listening on ")
-            .expect("listening on ADDR")
-            .parse()
-            .expect("an address");
+        let (child, address) = super::serve(&self.dir, "warn", None);
         Server { child, address }
     }
-}
-
-fn run(args: &[&str]) -> String {
-    let out = Command::new(binary("homing-store"))
-        .args(args)
-        .output()
-        .expect("homing-store runs");
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 struct Server {

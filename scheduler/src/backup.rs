@@ -1,0 +1,1034 @@
+//! `homing backup`: scan, seal what changed into the spool, upload, commit.
+//!
+//! ```text
+//!  walk (sorted) ──▶ index says unchanged? ──yes──▶ reuse its content ids
+//!        │                    │ no
+//!        │                    ▼
+//!        │          read, chunk, seal ──▶ spool (same transaction as the index entry)
+//!        ▼
+//!  tree per directory (Merkle) ──▶ manifest ──▶ upload the spool ──▶ commit
+//! ```
+//!
+//! The walk visits paths in the order of their index keys (components joined by
+//! NUL), so the old index is read alongside it like a sorted merge: an index key
+//! the walk passes without visiting belongs to a file that is gone and is dropped.
+//! Memory holds one directory's entries per level of the walk, never the tree.
+//!
+//! Crash safety: a file's index entry and the sealed objects of its content are
+//! committed in one transaction, so everything the index names is in the spool or
+//! in the store; objects leave the spool only after the store said `Stored`.
+//! Killed at any point, the next run re-reads no unchanged file and uploads only
+//! what the store lacks.
+
+use std::collections::BTreeMap;
+use std::fs::{File, Metadata};
+use std::io::Read;
+use std::ops::Bound;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Component, Path, PathBuf};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use anyhow::{Context, bail};
+use homing_crypto::{KeyRing, ObjectId, ObjectKind};
+use homing_transfer::client::{ClientError, Pending};
+use homing_transfer::proto::{ObjectState, WireError};
+use homing_transfer::{Chunker, PipelineOptions, SealedObject, Sealer, seal_stream};
+use ignore::gitignore::{Gitignore, GitignoreBuilder};
+use indicatif::{ProgressBar, ProgressStyle};
+use redb::{Database, ReadOnlyTable, ReadableDatabase, ReadableTable, WriteTransaction};
+use serde::Serialize;
+
+use crate::config::BackupSet;
+use crate::remote::{self, Remote};
+use crate::state::{self, IndexEntry, KNOWN, REFS, SPOOL};
+use crate::tree::{
+    Content, Entry, INLINE_IDS, Kind, Manifest, ManifestSummary, encode_list, encode_tree,
+    split_ids,
+};
+
+/// Files at least this large are sealed by the parallel pipeline.
+const PARALLEL_FROM: u64 = 8 << 20;
+/// A scan transaction is committed after this many sealed bytes ...
+const TXN_BYTES: u64 = 64 << 20;
+/// ... or this much time.
+const TXN_TIME: Duration = Duration::from_secs(5);
+/// Tries to read a file that keeps changing while it is read.
+const READ_TRIES: usize = 3;
+/// Unreadable paths named in the summary (all are counted).
+const NAMED_PROBLEMS: usize = 50;
+
+/// What a backup run did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Summary {
+    /// The backup set.
+    pub set: String,
+    /// The new snapshot.
+    pub snapshot: Option<String>,
+    /// Its sequence number.
+    pub sequence: u64,
+    /// Files looked at.
+    pub files_scanned: u64,
+    /// Files read because they were new or changed.
+    pub files_changed: u64,
+    /// Files whose metadata said they were unchanged (not read).
+    pub files_unchanged: u64,
+    /// Files the index knew and the scan did not find.
+    pub files_deleted: u64,
+    /// Files and directories that could not be read (skipped, named below).
+    pub unreadable: u64,
+    /// Files that kept changing while being read (the last reading is kept).
+    pub changed_while_reading: u64,
+    /// Sockets and devices, which are not backed up.
+    pub skipped_special: u64,
+    /// Directories.
+    pub dirs: u64,
+    /// Bytes of file content in the snapshot.
+    pub bytes_in_snapshot: u64,
+    /// Bytes read from files.
+    pub bytes_read: u64,
+    /// Plaintext bytes of the objects sealed (content new to this client).
+    pub bytes_new: u64,
+    /// Bytes of objects sealed (new to this client).
+    pub bytes_sealed: u64,
+    /// Objects sealed.
+    pub objects_sealed: u64,
+    /// Objects uploaded.
+    pub objects_uploaded: u64,
+    /// Object bytes uploaded.
+    pub bytes_uploaded: u64,
+    /// Bytes the connection sent, TLS included.
+    pub bytes_sent: u64,
+    /// Bytes the connection received, TLS included.
+    pub bytes_received: u64,
+    /// Seconds the run took.
+    pub seconds: f64,
+    /// Paths that could not be read, and why (the first few).
+    pub problems: Vec<String>,
+}
+
+impl Summary {
+    /// The summary as a person reads it.
+    pub fn to_text(&self) -> String {
+        use crate::commands::human_bytes as b;
+        let ratio = |a: u64, b: u64| if b == 0 { 1.0 } else { a as f64 / b as f64 };
+        let mut text = format!(
+            "snapshot {} of set `{}` (number {})\n\
+             files: {} scanned, {} changed, {} unchanged, {} deleted, {} unreadable, {} changed while read\n\
+             directories: {}\n\
+             read {}, sealed {} in {} new objects, uploaded {} in {} objects\n\
+             sent {} on the wire, TLS included (received {})\n\
+             dedup {:.2}x (read / new), compression {:.2}x (new / sealed)\n\
+             took {:.1} s\n",
+            self.snapshot.as_deref().unwrap_or("-"),
+            self.set,
+            self.sequence,
+            self.files_scanned,
+            self.files_changed,
+            self.files_unchanged,
+            self.files_deleted,
+            self.unreadable,
+            self.changed_while_reading,
+            self.dirs,
+            b(self.bytes_read),
+            b(self.bytes_sealed),
+            self.objects_sealed,
+            b(self.bytes_uploaded),
+            self.objects_uploaded,
+            b(self.bytes_sent),
+            b(self.bytes_received),
+            ratio(self.bytes_read, self.bytes_new),
+            ratio(self.bytes_new, self.bytes_sealed),
+            self.seconds,
+        );
+        for problem in &self.problems {
+            text.push_str("  unreadable: ");
+            text.push_str(problem);
+            text.push('\n');
+        }
+        if self.unreadable > self.problems.len() as u64 {
+            text.push_str(&format!(
+                "  ... and {} more\n",
+                self.unreadable - self.problems.len() as u64
+            ));
+        }
+        text
+    }
+}
+
+/// Everything a run needs.
+pub struct Run<'a> {
+    /// The owner's keys.
+    pub keys: &'a KeyRing,
+    /// The local state.
+    pub db: &'a Database,
+    /// The store.
+    pub remote: &'a mut Remote,
+    /// Spool limit in bytes.
+    pub spool_limit: u64,
+    /// Paths never backed up (the client's own state).
+    pub skip: Vec<PathBuf>,
+    /// Show a progress bar (on a terminal).
+    pub progress: bool,
+    /// The host name for the manifest.
+    pub host: String,
+}
+
+impl std::fmt::Debug for Run<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Run").finish_non_exhaustive()
+    }
+}
+
+/// A node of the tree of selected paths: the directories leading to them.
+#[derive(Debug, Default)]
+struct Node {
+    selected: bool,
+    children: BTreeMap<Vec<u8>, Node>,
+}
+
+/// Backs up one set.
+///
+/// # Errors
+/// Connection and store errors, a full spool with an unreachable store, rollback.
+/// Unreadable files are not errors: they are counted, named and skipped.
+pub fn backup(run: Run<'_>, set: &BackupSet) -> anyhow::Result<Summary> {
+    let started = Instant::now();
+    let time = jiff::Timestamp::now().as_second();
+    let mut roots = Node::default();
+    let mut paths = Vec::new();
+    for path in &set.paths {
+        let path = normalise(path)
+            .with_context(|| format!("backup set `{}`: path {}", set.name, path.display()))?;
+        paths.push(path.display().to_string());
+        let mut node = &mut roots;
+        for component in path.components().skip(1) {
+            node = node
+                .children
+                .entry(component.as_os_str().as_bytes().to_vec())
+                .or_default();
+        }
+        node.selected = true;
+    }
+    let mut excludes = GitignoreBuilder::new("/");
+    for pattern in &set.exclude {
+        excludes
+            .add_line(None, pattern)
+            .with_context(|| format!("backup set `{}`: exclude `{pattern}`", set.name))?;
+    }
+    let excludes = excludes
+        .build()
+        .with_context(|| format!("backup set `{}`: excludes", set.name))?;
+
+    let parent = remote::checked_head(run.remote, run.keys, run.db)?;
+    let mut scan = Scan::new(run, set, excludes)?;
+    // What an interrupted run left in the spool goes first.
+    scan.upload_spool()?;
+    let root_meta = std::fs::metadata("/").context("cannot stat /")?;
+    let root = scan.virtual_dir(Path::new("/"), &roots, &root_meta)?;
+    let root = root.context("nothing to back up: every path is missing or unreadable")?;
+    scan.finish_index()?;
+    scan.upload_spool()?;
+
+    let mut summary = scan.summary;
+    let manifest = Manifest {
+        version: 1,
+        set: set.name.clone(),
+        host: scan.run.host.clone(),
+        time,
+        paths,
+        root,
+        sequence: parent.map_or(1, |(_, sequence)| sequence + 1),
+        previous: parent.map(|(id, _)| id),
+        summary: ManifestSummary {
+            files: summary.files_scanned,
+            dirs: summary.dirs,
+            bytes: summary.bytes_in_snapshot,
+        },
+    };
+    let sealed = scan
+        .sealer
+        .seal(ObjectKind::Snapshot, &manifest.encode())
+        .context("cannot seal the manifest")?;
+    let committed = commit(scan.run.remote, scan.run.db, &sealed, manifest.previous);
+    let (head, _) = match committed {
+        Ok(head) => head,
+        Err(error) => {
+            if let Some(ClientError::Store(WireError::MissingReferences { ids })) =
+                error.downcast_ref::<ClientError>()
+            {
+                // The store lost objects this client believed it held: forget what
+                // it believed, so that the next run seals and sends them again.
+                forget_known(scan.run.db, &set.name)?;
+                bail!(
+                    "the store lacks {}+ objects this snapshot needs (first: {}); the \
+                     local caches were reset: run the backup again",
+                    ids.len(),
+                    ids.first().map(ToString::to_string).unwrap_or_default()
+                );
+            }
+            return Err(error);
+        }
+    };
+    state::set_known_head(scan.run.db, &head, manifest.sequence)?;
+    let (sent, received) = scan.run.remote.traffic();
+    summary.bytes_sent = sent;
+    summary.bytes_received = received;
+    summary.snapshot = Some(head.to_string());
+    summary.sequence = manifest.sequence;
+    summary.seconds = started.elapsed().as_secs_f64();
+    scan.progress.finish_and_clear();
+    Ok(summary)
+}
+
+fn commit(
+    remote: &mut Remote,
+    db: &Database,
+    manifest: &SealedObject,
+    parent: Option<ObjectId>,
+) -> anyhow::Result<(ObjectId, u64)> {
+    let txn = db.begin_read()?;
+    let refs = txn.open_table(REFS)?;
+    let mut failed = None;
+    let references = refs.iter()?.map_while(|item| match item {
+        Ok((id, _)) => Some(ObjectId::from_bytes(*id.value())),
+        Err(error) => {
+            failed = Some(error);
+            None
+        }
+    });
+    let result = remote.run(async |c| {
+        c.commit(manifest.id, parent, &manifest.bytes, references)
+            .await
+    });
+    if let Some(error) = failed {
+        return Err(error).context("cannot read the snapshot's references");
+    }
+    match result {
+        Ok(head) => Ok(head),
+        Err(ClientError::Store(WireError::StaleParent { head })) => bail!(
+            "another client committed to this account meanwhile (head {}); run the \
+             backup again",
+            head.map(|h| h.to_string()).unwrap_or_else(|| "none".into())
+        ),
+        Err(error) => Err(anyhow::Error::new(error)).context("the store refused the snapshot"),
+    }
+}
+
+/// Forgets which ids the store holds and the set's index.
+fn forget_known(db: &Database, set: &str) -> anyhow::Result<()> {
+    let txn = db.begin_write()?;
+    txn.delete_table(KNOWN)?;
+    txn.open_table(KNOWN)?;
+    let name = state::index_name(set);
+    txn.delete_table(state::index_table(&name))?;
+    txn.commit()?;
+    Ok(())
+}
+
+fn normalise(path: &Path) -> anyhow::Result<PathBuf> {
+    if !path.is_absolute() {
+        bail!("not an absolute path");
+    }
+    let mut out = PathBuf::from("/");
+    for component in path.components() {
+        match component {
+            Component::RootDir | Component::CurDir => {}
+            Component::Normal(name) => out.push(name),
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::Prefix(_) => bail!("not a Unix path"),
+        }
+    }
+    Ok(out)
+}
+
+/// The index key of a path: its components joined by NUL, which sorts exactly as
+/// the walk visits paths.
+fn index_key(path: &Path) -> Vec<u8> {
+    let mut key = Vec::with_capacity(path.as_os_str().len());
+    for component in path.components().skip(1) {
+        if !key.is_empty() {
+            key.push(0);
+        }
+        key.extend_from_slice(component.as_os_str().as_bytes());
+    }
+    key
+}
+
+struct Scan<'a> {
+    run: Run<'a>,
+    set: &'a BackupSet,
+    excludes: Gitignore,
+    sealer: Sealer<'a>,
+    index_name: String,
+    old_index: ReadOnlyTable<&'static [u8], &'static [u8]>,
+    cursor: Option<Vec<u8>>,
+    txn: Option<WriteTransaction>,
+    txn_bytes: u64,
+    txn_started: Instant,
+    spool_bytes: u64,
+    root_device: Option<u64>,
+    summary: Summary,
+    progress: ProgressBar,
+}
+
+impl<'a> Scan<'a> {
+    fn new(run: Run<'a>, set: &'a BackupSet, excludes: Gitignore) -> anyhow::Result<Self> {
+        let index_name = state::index_name(&set.name);
+        // The snapshot's references are collected afresh.
+        let txn = run.db.begin_write()?;
+        txn.delete_table(REFS)?;
+        txn.open_table(REFS)?;
+        txn.open_table(state::index_table(&index_name))?;
+        txn.commit()?;
+        let old_index = run
+            .db
+            .begin_read()?
+            .open_table(state::index_table(&index_name))?;
+        let (spool_bytes, _) = state::spool_size(run.db)?;
+        let sealer = Sealer::new(run.keys, homing_transfer::DEFAULT_ZSTD_LEVEL)?;
+        let progress = if run.progress {
+            let bar = ProgressBar::new_spinner();
+            bar.set_style(
+                ProgressStyle::with_template("{spinner} {elapsed} {msg}")
+                    .expect("a valid template"),
+            );
+            bar.enable_steady_tick(Duration::from_millis(200));
+            bar
+        } else {
+            ProgressBar::hidden()
+        };
+        Ok(Self {
+            run,
+            set,
+            excludes,
+            sealer,
+            index_name,
+            old_index,
+            cursor: None,
+            txn: None,
+            txn_bytes: 0,
+            txn_started: Instant::now(),
+            spool_bytes,
+            root_device: None,
+            summary: Summary {
+                set: set.name.clone(),
+                ..Summary::default()
+            },
+            progress,
+        })
+    }
+
+    fn txn(&mut self) -> anyhow::Result<&WriteTransaction> {
+        if self.txn.is_none() {
+            self.txn = Some(self.run.db.begin_write()?);
+            self.txn_bytes = 0;
+            self.txn_started = Instant::now();
+        }
+        Ok(self.txn.as_ref().expect("just opened"))
+    }
+
+    fn commit_txn(&mut self) -> anyhow::Result<()> {
+        if let Some(txn) = self.txn.take() {
+            txn.commit().context("cannot write the local state")?;
+        }
+        Ok(())
+    }
+
+    fn maybe_commit_txn(&mut self) -> anyhow::Result<()> {
+        if self.txn_bytes >= TXN_BYTES || self.txn_started.elapsed() >= TXN_TIME {
+            self.commit_txn()?;
+        }
+        if self.spool_bytes >= self.run.spool_limit {
+            self.upload_spool().context(
+                "the spool is full and could not be uploaded; everything sealed so far \
+                 is kept in the spool for the next run",
+            )?;
+        }
+        Ok(())
+    }
+
+    fn note_progress(&self) {
+        self.progress.set_message(format!(
+            "{} files, {} changed, {:.1} MB read, {:.1} MB sealed",
+            self.summary.files_scanned,
+            self.summary.files_changed,
+            self.summary.bytes_read as f64 / 1e6,
+            self.summary.bytes_sealed as f64 / 1e6,
+        ));
+    }
+
+    fn problem(&mut self, path: &Path, what: &str, error: &dyn std::fmt::Display) {
+        self.summary.unreadable += 1;
+        tracing::warn!("{}: {what}: {error}", path.display());
+        if self.summary.problems.len() < NAMED_PROBLEMS {
+            self.summary
+                .problems
+                .push(format!("{}: {what}: {error}", path.display()));
+        }
+    }
+
+    /// Adds ids to the snapshot's references.
+    fn reference(&mut self, ids: &[ObjectId]) -> anyhow::Result<()> {
+        let txn = self.txn()?;
+        let mut refs = txn.open_table(REFS)?;
+        for id in ids {
+            refs.insert(id.as_bytes(), ())?;
+        }
+        Ok(())
+    }
+
+    /// Whether an object is in the spool or known to be stored.
+    fn have(&mut self, id: &ObjectId) -> anyhow::Result<bool> {
+        let txn = self.txn()?;
+        Ok(txn.open_table(KNOWN)?.get(id.as_bytes())?.is_some()
+            || txn.open_table(SPOOL)?.get(id.as_bytes())?.is_some())
+    }
+
+    /// Puts a sealed object into the spool (unless it is there or stored).
+    fn spool(&mut self, object: &SealedObject) -> anyhow::Result<()> {
+        if self.have(&object.id)? {
+            return Ok(());
+        }
+        let len = object.bytes.len() as u64;
+        let txn = self.txn()?;
+        txn.open_table(SPOOL)?
+            .insert(object.id.as_bytes(), object.bytes.as_slice())?;
+        state::add_spool_bytes(txn, len as i64)?;
+        self.spool_bytes += len;
+        self.txn_bytes += len;
+        self.summary.bytes_new += u64::from(object.plain_len);
+        self.summary.bytes_sealed += len;
+        self.summary.objects_sealed += 1;
+        Ok(())
+    }
+
+    /// Seals a plaintext of `kind` into the spool unless its id is there already.
+    fn seal_into_spool(&mut self, kind: ObjectKind, plaintext: &[u8]) -> anyhow::Result<ObjectId> {
+        let id = self.run.keys.object_id(plaintext);
+        if !self.have(&id)? {
+            let object = self.sealer.seal_with_id(kind, id, plaintext)?;
+            self.spool(&object)?;
+        }
+        Ok(id)
+    }
+
+    /// The tree of a directory that leads to selected paths (or is one).
+    fn virtual_dir(
+        &mut self,
+        path: &Path,
+        node: &Node,
+        meta: &Metadata,
+    ) -> anyhow::Result<Option<ObjectId>> {
+        let mut entries = Vec::new();
+        for (name, child) in &node.children {
+            let child_path = path.join(std::ffi::OsStr::from_bytes(name));
+            // A selected path that is a symlink is followed: `homing backup ~/docs`
+            // means the directory, wherever it lives.
+            let child_meta = if child.selected {
+                std::fs::metadata(&child_path)
+            } else {
+                std::fs::symlink_metadata(&child_path)
+            };
+            let child_meta = match child_meta {
+                Ok(m) => m,
+                Err(error) => {
+                    self.problem(&child_path, "cannot stat", &error);
+                    continue;
+                }
+            };
+            let entry = if child.selected {
+                self.root_device = Some(child_meta.dev());
+                self.entry(&child_path, name.clone(), &child_meta)?
+            } else if child_meta.is_dir() {
+                self.virtual_dir(&child_path, child, &child_meta)?
+                    .map(|id| make_entry(name.clone(), &child_meta, Kind::Dir(id)))
+            } else {
+                self.problem(&child_path, "not a directory", &"a path leads through it");
+                None
+            };
+            entries.extend(entry);
+        }
+        if entries.is_empty() && !node.selected && path != Path::new("/") {
+            return Ok(None);
+        }
+        let _ = meta;
+        self.tree(&entries).map(Some)
+    }
+
+    fn tree(&mut self, entries: &[Entry]) -> anyhow::Result<ObjectId> {
+        self.summary.dirs += 1;
+        let plain = encode_tree(entries);
+        let id = self.seal_into_spool(ObjectKind::Tree, &plain)?;
+        self.reference(&[id])?;
+        Ok(id)
+    }
+
+    /// The entry of one path, scanning below it if it is a directory; `None` for
+    /// what is skipped (unreadable, excluded, special files).
+    fn entry(
+        &mut self,
+        path: &Path,
+        name: Vec<u8>,
+        meta: &Metadata,
+    ) -> anyhow::Result<Option<Entry>> {
+        let kind = meta.file_type();
+        if kind.is_dir() {
+            Ok(self
+                .dir(path, meta)?
+                .map(|id| make_entry(name, meta, Kind::Dir(id))))
+        } else if kind.is_file() {
+            Ok(self.file(path, meta)?.map(|k| make_entry(name, meta, k)))
+        } else if kind.is_symlink() {
+            match std::fs::read_link(path) {
+                Ok(target) => Ok(Some(make_entry(
+                    name,
+                    meta,
+                    Kind::Symlink(target.as_os_str().as_bytes().to_vec()),
+                ))),
+                Err(error) => {
+                    self.problem(path, "cannot read the link", &error);
+                    Ok(None)
+                }
+            }
+        } else if kind.is_fifo() {
+            Ok(Some(make_entry(name, meta, Kind::Fifo)))
+        } else {
+            self.summary.skipped_special += 1;
+            Ok(None)
+        }
+    }
+
+    fn dir(&mut self, path: &Path, _meta: &Metadata) -> anyhow::Result<Option<ObjectId>> {
+        let listing = match std::fs::read_dir(path) {
+            Ok(listing) => listing,
+            Err(error) => {
+                self.problem(path, "cannot list", &error);
+                return Ok(None);
+            }
+        };
+        let mut names = Vec::new();
+        for item in listing {
+            match item {
+                Ok(item) => names.push(item.file_name()),
+                Err(error) => {
+                    self.problem(path, "cannot list", &error);
+                    return Ok(None);
+                }
+            }
+        }
+        names.sort_unstable_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+        let mut entries = Vec::with_capacity(names.len());
+        for name in names {
+            let child = path.join(&name);
+            if self.run.skip.iter().any(|s| s == &child) {
+                continue;
+            }
+            let meta = match std::fs::symlink_metadata(&child) {
+                Ok(meta) => meta,
+                // Gone since the listing: as if it never was.
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(error) => {
+                    self.problem(&child, "cannot stat", &error);
+                    continue;
+                }
+            };
+            if self.excludes.matched(&child, meta.is_dir()).is_ignore() {
+                continue;
+            }
+            let name = name.as_bytes().to_vec();
+            if meta.is_dir()
+                && self.set.one_file_system
+                && self.root_device.is_some_and(|d| d != meta.dev())
+            {
+                // A mount point: kept as an empty directory, not entered.
+                let id = self.tree(&[])?;
+                entries.push(make_entry(name, &meta, Kind::Dir(id)));
+                continue;
+            }
+            if let Some(entry) = self.entry(&child, name, &meta)? {
+                entries.push(entry);
+            }
+        }
+        self.tree(&entries).map(Some)
+    }
+
+    /// The index entry the old index holds for `key`, dropping the keys before it
+    /// that the walk skipped (files that are gone).
+    fn old_entry(&mut self, key: &[u8]) -> anyhow::Result<Option<IndexEntry>> {
+        loop {
+            let next = {
+                let lower = match &self.cursor {
+                    Some(cursor) => Bound::Excluded(cursor.as_slice()),
+                    None => Bound::Unbounded,
+                };
+                let mut range = self.old_index.range::<&[u8]>((lower, Bound::Unbounded))?;
+                match range.next() {
+                    Some(item) => {
+                        let (k, v) = item?;
+                        Some((k.value().to_vec(), v.value().to_vec()))
+                    }
+                    None => None,
+                }
+            };
+            let Some((old_key, value)) = next else {
+                self.cursor = Some(key.to_vec());
+                return Ok(None);
+            };
+            match old_key.as_slice().cmp(key) {
+                std::cmp::Ordering::Less => {
+                    self.drop_index_key(&old_key)?;
+                    self.cursor = Some(old_key);
+                }
+                std::cmp::Ordering::Equal => {
+                    self.cursor = Some(old_key);
+                    return Ok(IndexEntry::decode(&value).ok());
+                }
+                std::cmp::Ordering::Greater => {
+                    self.cursor = Some(key.to_vec());
+                    return Ok(None);
+                }
+            }
+        }
+    }
+
+    fn drop_index_key(&mut self, key: &[u8]) -> anyhow::Result<()> {
+        self.summary.files_deleted += 1;
+        let name = self.index_name.clone();
+        let txn = self.txn()?;
+        txn.open_table(state::index_table(&name))?.remove(key)?;
+        Ok(())
+    }
+
+    /// Drops index keys after the last path visited.
+    fn finish_index(&mut self) -> anyhow::Result<()> {
+        let stale: Vec<Vec<u8>> = {
+            let lower = match &self.cursor {
+                Some(cursor) => Bound::Excluded(cursor.as_slice()),
+                None => Bound::Unbounded,
+            };
+            let mut keys = Vec::new();
+            for item in self.old_index.range::<&[u8]>((lower, Bound::Unbounded))? {
+                keys.push(item?.0.value().to_vec());
+            }
+            keys
+        };
+        for key in stale {
+            self.drop_index_key(&key)?;
+        }
+        self.commit_txn()
+    }
+
+    fn file(&mut self, path: &Path, meta: &Metadata) -> anyhow::Result<Option<Kind>> {
+        self.summary.files_scanned += 1;
+        let key = index_key(path);
+        let now = index_entry(meta, Content::empty(), Vec::new());
+        let old = self.old_entry(&key)?;
+        let link = (meta.nlink() > 1).then(|| (meta.dev(), meta.ino()));
+        if let Some(old) = old.filter(|old| old.same_file(&now)) {
+            self.summary.files_unchanged += 1;
+            self.summary.bytes_in_snapshot += old.size;
+            self.reference(old.content.ids())?;
+            if matches!(old.content, Content::Lists(_)) {
+                self.reference(&old.chunks)?;
+            }
+            if self.summary.files_scanned.is_multiple_of(256) {
+                self.note_progress();
+            }
+            return Ok(Some(Kind::File {
+                size: old.size,
+                link,
+                content: old.content,
+            }));
+        }
+        self.summary.files_changed += 1;
+        let mut meta = meta.clone();
+        let mut tries = 0;
+        let (chunks, read) = loop {
+            tries += 1;
+            let file = match File::open(path) {
+                Ok(file) => file,
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(error) => {
+                    self.problem(path, "cannot read", &error);
+                    return Ok(None);
+                }
+            };
+            let chunks = match self.seal_file(&file, meta.len()) {
+                Ok(result) => result,
+                Err(error) => {
+                    // A read error is the file's problem, not the backup's.
+                    if let Some(io) = error.downcast_ref::<std::io::Error>() {
+                        self.problem(path, "cannot read", io);
+                        return Ok(None);
+                    }
+                    if let Some(homing_transfer::Error::Read { source, .. }) =
+                        error.downcast_ref::<homing_transfer::Error>()
+                    {
+                        let message = source.to_string();
+                        self.problem(path, "cannot read", &message);
+                        return Ok(None);
+                    }
+                    return Err(error);
+                }
+            };
+            let after = file.metadata().context("cannot stat an open file")?;
+            let stable = after.len() == chunks.1
+                && after.mtime() == meta.mtime()
+                && after.mtime_nsec() == meta.mtime_nsec()
+                && after.ctime() == meta.ctime()
+                && after.ctime_nsec() == meta.ctime_nsec();
+            if stable {
+                break chunks;
+            }
+            if tries >= READ_TRIES {
+                self.summary.changed_while_reading += 1;
+                tracing::warn!(
+                    "{}: changed while being read, {READ_TRIES} times; the last reading is kept",
+                    path.display()
+                );
+                meta = after;
+                break chunks;
+            }
+            meta = after;
+        };
+        self.summary.bytes_read += read;
+        self.summary.bytes_in_snapshot += read;
+        let content = if chunks.len() <= INLINE_IDS {
+            Content::Inline(chunks.clone())
+        } else {
+            let mut lists = Vec::new();
+            for piece in split_ids(&chunks) {
+                lists.push(self.seal_into_spool(ObjectKind::Tree, &encode_list(piece))?);
+            }
+            Content::Lists(lists)
+        };
+        self.reference(content.ids())?;
+        if matches!(content, Content::Lists(_)) {
+            self.reference(&chunks)?;
+        }
+        let mut entry = index_entry(&meta, content.clone(), chunks);
+        // The size recorded is what was read (a file that changed while read).
+        entry.size = read;
+        let name = self.index_name.clone();
+        let txn = self.txn()?;
+        txn.open_table(state::index_table(&name))?
+            .insert(key.as_slice(), entry.encode().as_slice())?;
+        self.note_progress();
+        self.maybe_commit_txn()?;
+        Ok(Some(Kind::File {
+            size: read,
+            link,
+            content,
+        }))
+    }
+
+    /// Reads, chunks and seals a file into the spool; returns its chunk ids and the
+    /// bytes read.
+    fn seal_file(&mut self, file: &File, len: u64) -> anyhow::Result<(Vec<ObjectId>, u64)> {
+        let mut ids = Vec::new();
+        let mut read = 0_u64;
+        if len < PARALLEL_FROM {
+            let mut chunker = Chunker::new(file, self.run.keys.chunker_seed());
+            while let Some((span, data)) = chunker.next_chunk()? {
+                read += u64::from(span.len);
+                let id = self.run.keys.object_id(data);
+                if !self.have(&id)? {
+                    let object = self.sealer.seal_with_id(ObjectKind::Chunk, id, data)?;
+                    self.spool(&object)?;
+                }
+                ids.push(id);
+            }
+            return Ok((ids, read));
+        }
+        // Large files: the parallel pipeline seals on other threads; this thread
+        // puts the sealed chunks into the spool, a bounded channel between them.
+        let keys = self.run.keys;
+        let (sender, receiver) = std::sync::mpsc::sync_channel(32);
+        std::thread::scope(|scope| -> anyhow::Result<()> {
+            let sealing = scope.spawn(move || {
+                seal_stream::<_, homing_transfer::Error, _>(
+                    file,
+                    keys,
+                    PipelineOptions::default(),
+                    |chunk| {
+                        sender
+                            .send(chunk)
+                            .map_err(|_| homing_transfer::Error::Read {
+                                offset: 0,
+                                source: std::io::Error::other("the spool stopped"),
+                            })
+                    },
+                )
+            });
+            let mut failure = None;
+            for chunk in receiver {
+                if failure.is_some() {
+                    continue;
+                }
+                read += u64::from(chunk.span.len);
+                ids.push(chunk.object.id);
+                if let Err(error) = self.spool(&chunk.object) {
+                    failure = Some(error);
+                }
+            }
+            let sealed = sealing.join().expect("the sealing thread does not panic");
+            if let Some(error) = failure {
+                return Err(error);
+            }
+            sealed?;
+            Ok(())
+        })?;
+        Ok((ids, read))
+    }
+
+    /// Uploads everything in the spool; what the store confirms leaves it.
+    fn upload_spool(&mut self) -> anyhow::Result<()> {
+        self.commit_txn()?;
+        let ids: Vec<ObjectId> = {
+            let txn = self.run.db.begin_read()?;
+            let spool = txn.open_table(SPOOL)?;
+            let mut ids = Vec::new();
+            for item in spool.iter()? {
+                ids.push(ObjectId::from_bytes(*item?.0.value()));
+            }
+            ids
+        };
+        if ids.is_empty() {
+            return Ok(());
+        }
+        self.progress
+            .set_message(format!("uploading {} objects", ids.len()));
+        let states = self
+            .run
+            .remote
+            .run(async |c| c.query(&ids).await)
+            .context("cannot ask the store what it holds")?;
+        let mut done = Vec::new();
+        let mut pending = Vec::new();
+        for (id, state) in ids.iter().zip(states) {
+            match state {
+                ObjectState::Stored => done.push(*id),
+                ObjectState::Missing => pending.push(Pending { id: *id, held: 0 }),
+                ObjectState::Partial(held) => pending.push(Pending { id: *id, held }),
+            }
+        }
+        let db = self.run.db;
+        let read = db.begin_read()?;
+        let spool = read.open_table(SPOOL)?;
+        let mut stored = Vec::new();
+        let result = self.run.remote.run(async |c| {
+            c.upload(
+                &pending,
+                |id| {
+                    spool
+                        .get(id.as_bytes())
+                        .map_err(std::io::Error::other)?
+                        .map(|v| v.value().to_vec())
+                        .ok_or_else(|| std::io::Error::other(format!("{id} left the spool")))
+                },
+                |id| {
+                    stored.push(*id);
+                    Ok(())
+                },
+            )
+            .await
+        });
+        drop(spool);
+        drop(read);
+        done.extend(stored);
+        let freed = self.release(&done)?;
+        self.spool_bytes = self.spool_bytes.saturating_sub(freed);
+        match result {
+            Ok(summary) => {
+                self.summary.objects_uploaded += summary.objects;
+                self.summary.bytes_uploaded += summary.bytes;
+                Ok(())
+            }
+            Err(error) => Err(anyhow::Error::new(error).context(format!(
+                "the upload stopped; {} objects stay in the spool for the next run",
+                pending.len()
+            ))),
+        }
+    }
+
+    /// Takes objects the store holds out of the spool; returns the bytes freed.
+    fn release(&mut self, ids: &[ObjectId]) -> anyhow::Result<u64> {
+        let txn = self.run.db.begin_write()?;
+        let mut freed = 0;
+        {
+            let mut spool = txn.open_table(SPOOL)?;
+            let mut known = txn.open_table(KNOWN)?;
+            for id in ids {
+                if let Some(bytes) = spool.remove(id.as_bytes())? {
+                    freed += bytes.value().len() as u64;
+                }
+                known.insert(id.as_bytes(), ())?;
+            }
+        }
+        state::add_spool_bytes(&txn, -(freed as i64))?;
+        txn.commit()?;
+        Ok(freed)
+    }
+}
+
+fn make_entry(name: Vec<u8>, meta: &Metadata, kind: Kind) -> Entry {
+    Entry {
+        name,
+        mode: meta.mode() & 0o7777,
+        uid: meta.uid(),
+        gid: meta.gid(),
+        mtime: meta.mtime(),
+        mtime_nanos: meta.mtime_nsec().clamp(0, 999_999_999) as u32,
+        kind,
+    }
+}
+
+fn index_entry(meta: &Metadata, content: Content, chunks: Vec<ObjectId>) -> IndexEntry {
+    let nanos = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);
+    IndexEntry {
+        size: meta.len(),
+        mtime: nanos(meta.mtime(), meta.mtime_nsec()),
+        ctime: nanos(meta.ctime(), meta.ctime_nsec()),
+        inode: meta.ino(),
+        device: meta.dev(),
+        mode: meta.mode(),
+        content,
+        chunks,
+    }
+}
+
+/// Reads a whole file (helper for callers that want plain bytes).
+pub fn read_all(path: &Path) -> std::io::Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    File::open(path)?.read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn index_keys_sort_as_the_walk_visits() {
+        // The walk: sorted names, depth first.
+        let walk = ["/a/b", "/a/c/d", "/a.txt", "/a0", "/b"];
+        let keys: Vec<Vec<u8>> = walk.iter().map(|p| index_key(Path::new(p))).collect();
+        let mut sorted = keys.clone();
+        sorted.sort();
+        assert_eq!(keys, sorted);
+    }
+
+    #[test]
+    fn paths_are_normalised() {
+        assert_eq!(
+            normalise(Path::new("/home/./me/../you/")).unwrap(),
+            Path::new("/home/you")
+        );
+        assert!(normalise(Path::new("relative")).is_err());
+    }
+}

@@ -1,0 +1,318 @@
+//! The commands that talk to the store: backup, snapshots, ls, restore, verify.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+
+use crate::backup::{self, Run, Summary};
+use crate::cli::{BackupArgs, LsArgs, RestoreArgs, SnapshotsArgs, Unlock, VerifyArgs};
+use crate::config::{BackupSet, Config, Priority, check_set_name};
+use crate::key;
+use crate::paths::Paths;
+use crate::remote::Remote;
+use crate::restore;
+use crate::state;
+
+/// Everything a command that talks to the store needs.
+struct Session {
+    config: Config,
+    keys: homing_crypto::KeyRing,
+    db: redb::Database,
+    remote: Remote,
+}
+
+fn session(paths: &Paths, unlock: &Unlock) -> anyhow::Result<Session> {
+    let config = Config::load(&paths.config)?;
+    let master = key::load(&paths.key_file(), unlock.passphrase_file.as_deref())?;
+    let keys = master.key_ring();
+    drop(master);
+    let db = state::open(&paths.state)?;
+    let remote = Remote::connect(&config.store)?;
+    Ok(Session {
+        config,
+        keys,
+        db,
+        remote,
+    })
+}
+
+/// A session and the snapshot `spec` names in it.
+fn session_at(
+    paths: &Paths,
+    unlock: &Unlock,
+    spec: &str,
+) -> anyhow::Result<(Session, homing_crypto::ObjectId, crate::tree::Manifest)> {
+    let mut session = session(paths, unlock)?;
+    let (id, manifest) = restore::resolve(&mut session.remote, &session.keys, &session.db, spec)?;
+    Ok((session, id, manifest))
+}
+
+/// Exit code of a run that finished but left something out (unreadable files,
+/// failed restores, verification problems).
+pub const EXIT_INCOMPLETE: u8 = 3;
+
+/// `homing backup`
+///
+/// # Errors
+/// See [`backup::backup`].
+pub fn backup(paths: &Paths, args: &BackupArgs) -> anyhow::Result<ExitCode> {
+    let mut session = session(paths, &args.unlock)?;
+    let sets: Vec<BackupSet> = if args.paths.is_empty() {
+        let sets: Vec<BackupSet> = session
+            .config
+            .sets
+            .iter()
+            .filter(|s| args.set.as_deref().is_none_or(|n| n == s.name))
+            .cloned()
+            .collect();
+        if sets.is_empty() {
+            match &args.set {
+                Some(name) => bail!("no backup set `{name}` in the configuration"),
+                None => bail!(
+                    "no backup sets configured: name paths (`homing backup PATH ...`) or add \
+                     a [[set]] to {}",
+                    paths.config.join(crate::config::FILE_NAME).display()
+                ),
+            }
+        }
+        sets
+    } else {
+        let name = args.set.clone().unwrap_or_else(|| "default".into());
+        check_set_name(&name)?;
+        let configured = session.config.sets.iter().find(|s| s.name == name);
+        let mut absolute = Vec::new();
+        for path in &args.paths {
+            absolute.push(
+                std::path::absolute(path)
+                    .with_context(|| format!("cannot resolve {}", path.display()))?,
+            );
+        }
+        vec![BackupSet {
+            name,
+            paths: absolute,
+            exclude: configured.map(|s| s.exclude.clone()).unwrap_or_default(),
+            priority: configured.map_or(Priority::Normal, |s| s.priority),
+            one_file_system: configured.is_some_and(|s| s.one_file_system),
+        }]
+    };
+    let host = nix::unistd::gethostname()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut summaries: Vec<Summary> = Vec::new();
+    for set in &sets {
+        let run = Run {
+            keys: &session.keys,
+            db: &session.db,
+            remote: &mut session.remote,
+            spool_limit: session.config.spool.limit_mib.saturating_mul(1 << 20),
+            skip: vec![paths.state.clone(), paths.config.clone()],
+            progress: !args.json && std::io::stderr().is_terminal(),
+            host: host.clone(),
+        };
+        let summary = backup::backup(run, set)
+            .with_context(|| format!("backup of set `{}` failed", set.name))?;
+        if !args.json {
+            print!("{}", summary.to_text());
+        }
+        summaries.push(summary);
+    }
+    session.remote.close();
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&summaries)?);
+    }
+    let incomplete = summaries.iter().any(|s| s.unreadable > 0);
+    Ok(if incomplete {
+        ExitCode::from(EXIT_INCOMPLETE)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// `homing snapshots`
+///
+/// # Errors
+/// Connection errors, rollback.
+pub fn snapshots(paths: &Paths, args: &SnapshotsArgs) -> anyhow::Result<ExitCode> {
+    let mut session = session(paths, &args.unlock)?;
+    let list = restore::snapshots(&mut session.remote, &session.keys, &session.db)?;
+    session.remote.close();
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&list)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if list.is_empty() {
+        println!("no snapshots yet");
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<12}  {:>4}  {:<19}  {:<12}  {:<12}  {:>8}  {:>10}",
+        "id", "no.", "time", "set", "host", "files", "size"
+    );
+    for info in &list {
+        let m = &info.manifest;
+        println!(
+            "{:<12}  {:>4}  {:<19}  {:<12}  {:<12}  {:>8}  {:>10}",
+            &info.id[..12],
+            m.sequence,
+            local_time(m.time),
+            m.set,
+            m.host,
+            m.summary.files,
+            human_bytes(m.summary.bytes),
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `homing ls`
+///
+/// # Errors
+/// Connection errors, a snapshot that does not resolve, damaged trees.
+pub fn ls(paths: &Paths, args: &LsArgs) -> anyhow::Result<ExitCode> {
+    let (mut session, _, manifest) = session_at(paths, &args.unlock, &args.snapshot)?;
+    let mut listed = Vec::new();
+    let json = args.json;
+    restore::ls(
+        &mut session.remote,
+        &session.keys,
+        &manifest,
+        args.path.as_deref(),
+        &mut |entry| {
+            if json {
+                listed.push(entry);
+            } else {
+                let mode = format!("{:o}", entry.mode);
+                let target = entry
+                    .target
+                    .as_ref()
+                    .map(|t| format!(" -> {t}"))
+                    .unwrap_or_default();
+                println!(
+                    "{:<7} {:>5} {:>10}  {}  {}{target}",
+                    entry.kind,
+                    mode,
+                    entry.size,
+                    local_time(entry.mtime),
+                    entry.path
+                );
+            }
+            Ok(())
+        },
+    )?;
+    session.remote.close();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&listed)?);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `homing restore`
+///
+/// # Errors
+/// Connection errors, a snapshot that does not resolve, an unwritable target.
+pub fn restore(paths: &Paths, args: &RestoreArgs) -> anyhow::Result<ExitCode> {
+    let (mut session, id, manifest) = session_at(paths, &args.unlock, &args.snapshot)?;
+    let target: PathBuf = std::path::absolute(&args.target)?;
+    let summary = restore::restore(
+        &mut session.remote,
+        &session.keys,
+        &manifest,
+        args.path.as_deref(),
+        &target,
+    )?;
+    session.remote.close();
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        println!(
+            "restored snapshot {id} into {}: {} files written ({}), {} already in place, \
+             {} directories, {} links and other entries; received {}",
+            target.display(),
+            summary.files_restored,
+            human_bytes(summary.bytes_written),
+            summary.files_in_place,
+            summary.dirs,
+            summary.others,
+            human_bytes(summary.bytes_received),
+        );
+        for failure in &summary.failures {
+            println!("  FAILED: {failure}");
+        }
+    }
+    Ok(if summary.failures.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!(
+            "homing: {} files could not be restored (nothing wrong was written)",
+            summary.failures.len()
+        );
+        ExitCode::from(EXIT_INCOMPLETE)
+    })
+}
+
+/// `homing verify`
+///
+/// # Errors
+/// Connection errors and a snapshot that does not resolve.
+pub fn verify(paths: &Paths, args: &VerifyArgs) -> anyhow::Result<ExitCode> {
+    let (mut session, id, manifest) = session_at(paths, &args.unlock, &args.snapshot)?;
+    let summary = restore::verify(
+        &mut session.remote,
+        &session.keys,
+        id,
+        &manifest,
+        args.read_data,
+    )?;
+    session.remote.close();
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        let how = if args.read_data {
+            "fetched and authenticated"
+        } else {
+            "present in the store"
+        };
+        println!(
+            "snapshot {id}: {} trees, {} files, {} objects {how}; {} problems",
+            summary.trees,
+            summary.files,
+            summary.objects,
+            summary.problems.len()
+        );
+        for problem in &summary.problems {
+            println!("  PROBLEM: {problem}");
+        }
+    }
+    Ok(if summary.problems.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_INCOMPLETE)
+    })
+}
+
+fn local_time(seconds: i64) -> String {
+    jiff::Timestamp::from_second(seconds).map_or_else(
+        |_| seconds.to_string(),
+        |t| {
+            t.to_zoned(jiff::tz::TimeZone::system())
+                .strftime("%Y-%m-%d %H:%M:%S")
+                .to_string()
+        },
+    )
+}
+
+/// Bytes for people: 1.2 MB.
+pub fn human_bytes(bytes: u64) -> String {
+    let b = bytes as f64;
+    if b < 1e3 {
+        format!("{bytes} B")
+    } else if b < 1e6 {
+        format!("{:.1} kB", b / 1e3)
+    } else if b < 1e9 {
+        format!("{:.1} MB", b / 1e6)
+    } else {
+        format!("{:.2} GB", b / 1e9)
+    }
+}

@@ -1,0 +1,353 @@
+//! `homing init` and `homing quickstart`: setting a client up.
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+
+use crate::cli::{BackupArgs, InitArgs, KeyCommand, NewPassphrase, QuickstartArgs, Unlock};
+use crate::config::{BackupSet, Config, FILE_NAME, Priority, SpoolConfig, StoreConfig};
+use crate::paths::Paths;
+use crate::{commands, key};
+
+/// `homing init`: copies the store's CA certificate and this client's certificate
+/// and key into the configuration directory, writes `config.toml`, and creates
+/// the master key (printing its paper form).
+///
+/// # Errors
+/// An existing configuration or key, unreadable credentials, bad arguments.
+pub fn init(paths: &Paths, args: InitArgs) -> anyhow::Result<ExitCode> {
+    let config_file = paths.config.join(FILE_NAME);
+    if config_file.exists() {
+        bail!(
+            "{} exists already: this client is set up (remove it to start over; the \
+             master key stays)",
+            config_file.display()
+        );
+    }
+    let server_name = match args.server_name {
+        Some(name) => name,
+        None => host_of(&args.store)?,
+    };
+    create_private_dir(&paths.config)?;
+    let ca = copy_credential(&args.ca, &paths.config, "store-ca.crt", 0o644)?;
+    let certificate = copy_credential(&args.cert, &paths.config, "client.crt", 0o644)?;
+    let key_file = copy_credential(&args.key, &paths.config, "client.key", 0o600)?;
+    // The credentials must make a TLS configuration before anything else is done.
+    homing_transfer::client::tls_config(&ca, &certificate, &key_file)?;
+    let mut sets = Vec::new();
+    if !args.paths.is_empty() {
+        let mut absolute = Vec::new();
+        for path in &args.paths {
+            absolute.push(std::path::absolute(path)?);
+        }
+        sets.push(BackupSet {
+            name: "default".into(),
+            paths: absolute,
+            exclude: Vec::new(),
+            priority: Priority::Normal,
+            one_file_system: false,
+        });
+    }
+    let config = Config {
+        store: StoreConfig {
+            address: args.store.clone(),
+            server_name,
+            ca: "store-ca.crt".into(),
+            certificate: "client.crt".into(),
+            key: "client.key".into(),
+        },
+        spool: SpoolConfig::default(),
+        sets,
+    };
+    if !paths.key_file().exists() {
+        key::run(
+            paths,
+            KeyCommand::Generate {
+                passphrase: args.passphrase,
+                kdf_memory_mib: 64,
+                kdf_passes: 3,
+            },
+        )?;
+    } else {
+        println!(
+            "Keeping the existing master key {}.",
+            paths.key_file().display()
+        );
+    }
+    config.save(&paths.config)?;
+    println!(
+        "\nWrote {}. Store: {}.\nNext: `homing backup PATH` (or add [[set]] sections to the \
+         configuration and run `homing backup`).",
+        config_file.display(),
+        args.store
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn host_of(address: &str) -> anyhow::Result<String> {
+    let host = match address.rsplit_once(':') {
+        Some((host, port)) if port.parse::<u16>().is_ok() => host,
+        _ => bail!("--store {address}: expected HOST:PORT"),
+    };
+    Ok(host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string())
+}
+
+fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("cannot create {}", dir.display()))
+}
+
+fn copy_credential(from: &Path, dir: &Path, name: &str, mode: u32) -> anyhow::Result<PathBuf> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let bytes = std::fs::read(from).with_context(|| format!("cannot read {}", from.display()))?;
+    let to = dir.join(name);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&to)
+        .with_context(|| format!("cannot write {}", to.display()))?;
+    std::io::Write::write_all(&mut file, &bytes)
+        .with_context(|| format!("cannot write {}", to.display()))?;
+    Ok(to)
+}
+
+/// `homing quickstart PATH`: a store directory with its CA (made once), a store
+/// server on loopback (started in the background unless one answers already), a
+/// client set up against it with an unprotected key, and a backup of PATH.
+///
+/// # Errors
+/// A missing `homing-store` binary, a store that does not start, a failed backup.
+pub fn quickstart(paths: &Paths, args: &QuickstartArgs) -> anyhow::Result<ExitCode> {
+    let store_binary = find_store_binary()?;
+    let store_dir = match &args.store_dir {
+        Some(dir) => std::path::absolute(dir)?,
+        None => dirs::data_local_dir()
+            .context("no data directory (is HOME set?); pass --store-dir DIR")?
+            .join("homing")
+            .join("quickstart-store"),
+    };
+    let address = format!("127.0.0.1:{}", args.port);
+    let config_file = paths.config.join(FILE_NAME);
+    let account = "quickstart";
+    let credentials = store_dir.join("client").join(account);
+    if config_file.exists() {
+        let config = Config::load(&paths.config)?;
+        if config.store.address != address {
+            bail!(
+                "{} is set up for the store at {}; quickstart leaves it alone (pass \
+                 --config DIR for a separate client)",
+                config_file.display(),
+                config.store.address
+            );
+        }
+    }
+    if !store_dir.join("ca").exists() {
+        let d = store_dir.to_string_lossy().into_owned();
+        println!("Creating a store in {d} ...");
+        run_store(&store_binary, &["init", &d])?;
+        run_store(&store_binary, &["account", "add", account, "--store", &d])?;
+        std::fs::create_dir_all(store_dir.join("client"))?;
+        run_store(
+            &store_binary,
+            &[
+                "ca",
+                "issue",
+                account,
+                "--store",
+                &d,
+                "--out",
+                &credentials.to_string_lossy(),
+            ],
+        )?;
+    }
+    let pid = ensure_server(&store_binary, &store_dir, &address)?;
+    if !config_file.exists() {
+        let with = |suffix: &str| {
+            let mut name = credentials.as_os_str().to_owned();
+            name.push(suffix);
+            PathBuf::from(name)
+        };
+        init(
+            paths,
+            InitArgs {
+                store: address.clone(),
+                server_name: Some("localhost".into()),
+                ca: with("-ca.crt"),
+                cert: with(".crt"),
+                key: with(".key"),
+                paths: Vec::new(),
+                passphrase: NewPassphrase {
+                    passphrase_file: None,
+                    no_passphrase: true,
+                },
+            },
+        )?;
+    }
+    // The set `quickstart` backs up the paths given (the store's own directory is
+    // left out, should it lie below them).
+    let mut config = Config::load(&paths.config)?;
+    let mut absolute = Vec::new();
+    for path in &args.paths {
+        let path = std::path::absolute(path)?;
+        if !path.exists() {
+            bail!("{} does not exist", path.display());
+        }
+        absolute.push(path);
+    }
+    let mut exclude = Vec::new();
+    exclude.push(format!("{}/", store_dir.display()));
+    config.sets.retain(|s| s.name != "quickstart");
+    config.sets.push(BackupSet {
+        name: "quickstart".into(),
+        paths: absolute,
+        exclude,
+        priority: Priority::Normal,
+        one_file_system: false,
+    });
+    config.save(&paths.config)?;
+    println!("\nBacking up {} ...", display_paths(&args.paths));
+    let code = commands::backup(
+        paths,
+        &BackupArgs {
+            set: Some("quickstart".into()),
+            paths: Vec::new(),
+            json: args.json,
+            unlock: Unlock {
+                passphrase_file: None,
+            },
+        },
+    )?;
+    let config_flag = match std::env::var_os("HOMING_CONFIG") {
+        Some(_) => String::new(),
+        None if paths.config != default_config() => {
+            format!(" --config {}", paths.config.display())
+        }
+        None => String::new(),
+    };
+    if !args.json {
+        println!(
+            "\nThe store server runs in the background (pid {pid}, {address}, store {}).\n\
+             Next:\n  \
+             homing{config_flag} snapshots\n  \
+             homing{config_flag} ls latest\n  \
+             homing{config_flag} restore latest --target /tmp/homing-restore\n  \
+             homing{config_flag} verify --read-data\n  \
+             homing{config_flag} backup --set quickstart     # again: only changes travel\n\
+             Stop the server with `kill {pid}`; `homing quickstart` starts it again.",
+            store_dir.display()
+        );
+    }
+    Ok(code)
+}
+
+fn default_config() -> PathBuf {
+    dirs::config_dir().unwrap_or_default().join("homing")
+}
+
+fn display_paths(paths: &[PathBuf]) -> String {
+    paths
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// `homing-store` beside this binary (as cargo builds them), else on PATH.
+fn find_store_binary() -> anyhow::Result<PathBuf> {
+    if let Ok(exe) = std::env::current_exe()
+        && let Some(dir) = exe.parent()
+    {
+        let beside = dir.join("homing-store");
+        if beside.is_file() {
+            return Ok(beside);
+        }
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&path) {
+            let candidate = dir.join("homing-store");
+            if candidate.is_file() {
+                return Ok(candidate);
+            }
+        }
+    }
+    bail!(
+        "the store server `homing-store` is neither beside this binary nor on PATH: build it \
+         with `cargo build --release -p homing-store`"
+    )
+}
+
+fn run_store(binary: &Path, args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new(binary)
+        .args(args)
+        .output()
+        .with_context(|| format!("cannot run {}", binary.display()))?;
+    if !out.status.success() {
+        bail!(
+            "homing-store {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Starts `homing-store serve` in the background unless the pid file names a
+/// server that still answers; returns its pid.
+fn ensure_server(binary: &Path, store_dir: &Path, address: &str) -> anyhow::Result<u32> {
+    let pid_file = store_dir.join("serve.pid");
+    if let Ok(text) = std::fs::read_to_string(&pid_file)
+        && let Ok(pid) = text.trim().parse::<u32>()
+        && TcpStream::connect_timeout(&address.parse()?, Duration::from_secs(1)).is_ok()
+        && Path::new(&format!("/proc/{pid}")).exists()
+    {
+        return Ok(pid);
+    }
+    if TcpStream::connect_timeout(&address.parse()?, Duration::from_secs(1)).is_ok() {
+        bail!("something else listens on {address}; pass --port with a free port");
+    }
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(store_dir.join("serve.log"))?;
+    let mut command = Command::new(binary);
+    command
+        .args(["serve", "--store"])
+        .arg(store_dir)
+        .args(["--listen", address])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log);
+    // Its own process group: a Ctrl-C in this terminal does not stop it.
+    std::os::unix::process::CommandExt::process_group(&mut command, 0);
+    let mut child = command
+        .spawn()
+        .with_context(|| format!("cannot start {}", binary.display()))?;
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("piped"))
+        .read_line(&mut line)
+        .context("the store server did not start")?;
+    if !line.starts_with("listening on ") {
+        let _ = child.kill();
+        bail!(
+            "the store server did not start; see {}",
+            store_dir.join("serve.log").display()
+        );
+    }
+    let pid = child.id();
+    std::fs::write(&pid_file, format!("{pid}\n"))?;
+    println!("Started the store server on {address} (pid {pid}).");
+    Ok(pid)
+}

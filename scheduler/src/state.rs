@@ -1,0 +1,281 @@
+//! The client's local state: one redb database (`state.redb` in the state
+//! directory) holding the file index of each backup set, the spool of sealed
+//! objects waiting for upload, the ids the store is known to hold, the reference
+//! set of the snapshot being built, and the newest head seen.
+//!
+//! One database, so that a file's index entry and the sealed objects of its
+//! content are committed in one transaction: after a crash, every id the index
+//! names is either in the spool or in the store. redb locks the file, so two
+//! `homing` processes never work on the same state at once.
+
+use std::path::Path;
+
+use anyhow::Context;
+use homing_crypto::ObjectId;
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+
+use crate::tree::{Content, FormatError, Reader, put_varint};
+
+/// Sealed objects waiting for upload: id → sealed bytes.
+pub const SPOOL: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("spool");
+/// Ids the store confirmed holding: id → ().
+pub const KNOWN: TableDefinition<&[u8; 32], ()> = TableDefinition::new("known");
+/// Ids the snapshot being built references: id → ().
+pub const REFS: TableDefinition<&[u8; 32], ()> = TableDefinition::new("refs");
+/// Small values: `head` (id ‖ sequence, big-endian) and `spool-bytes`.
+pub const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+
+/// The index table named `name` (from [`index_name`]): key → [`IndexEntry`].
+pub fn index_table(name: &str) -> TableDefinition<'_, &'static [u8], &'static [u8]> {
+    TableDefinition::new(name)
+}
+
+/// The name under which a set's index lives.
+pub fn index_name(set: &str) -> String {
+    format!("index/{set}")
+}
+
+/// Opens (or creates) the state database.
+///
+/// # Errors
+/// If the directory cannot be created or the database is locked by another
+/// `homing` process or damaged.
+pub fn open(dir: &Path) -> anyhow::Result<Database> {
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create the state directory {}", dir.display()))?;
+    let path = dir.join("state.redb");
+    let db = Database::create(&path).with_context(|| {
+        format!(
+            "cannot open {} (is another homing command running?)",
+            path.display()
+        )
+    })?;
+    let txn = db.begin_write()?;
+    txn.open_table(SPOOL)?;
+    txn.open_table(KNOWN)?;
+    txn.open_table(REFS)?;
+    txn.open_table(META)?;
+    txn.commit()?;
+    Ok(db)
+}
+
+/// The newest head this client has seen: the manifest id and its sequence.
+///
+/// # Errors
+/// Database errors.
+pub fn known_head(db: &Database) -> anyhow::Result<Option<(ObjectId, u64)>> {
+    let txn = db.begin_read()?;
+    let meta = txn.open_table(META)?;
+    let Some(value) = meta.get("head")? else {
+        return Ok(None);
+    };
+    let bytes = value.value();
+    anyhow::ensure!(bytes.len() == 40, "the state's head record is damaged");
+    let id = ObjectId::from_bytes(bytes[..32].try_into().expect("32 bytes"));
+    let sequence = u64::from_be_bytes(bytes[32..].try_into().expect("8 bytes"));
+    Ok(Some((id, sequence)))
+}
+
+/// Records the newest head seen.
+///
+/// # Errors
+/// Database errors.
+pub fn set_known_head(db: &Database, id: &ObjectId, sequence: u64) -> anyhow::Result<()> {
+    let mut value = [0_u8; 40];
+    value[..32].copy_from_slice(id.as_bytes());
+    value[32..].copy_from_slice(&sequence.to_be_bytes());
+    let txn = db.begin_write()?;
+    txn.open_table(META)?.insert("head", value.as_slice())?;
+    txn.commit()?;
+    Ok(())
+}
+
+/// Bytes and objects in the spool.
+///
+/// # Errors
+/// Database errors.
+pub fn spool_size(db: &Database) -> anyhow::Result<(u64, u64)> {
+    let txn = db.begin_read()?;
+    let spool = txn.open_table(SPOOL)?;
+    let objects = spool.len()?;
+    let bytes = txn
+        .open_table(META)?
+        .get("spool-bytes")?
+        .map_or(0, |v| decode_u64(v.value()));
+    Ok((bytes, objects))
+}
+
+/// Adds `delta` (may be negative) to the spool's byte count inside `txn`.
+///
+/// # Errors
+/// Database errors.
+pub fn add_spool_bytes(txn: &redb::WriteTransaction, delta: i64) -> anyhow::Result<()> {
+    let mut meta = txn.open_table(META)?;
+    let now = meta
+        .get("spool-bytes")?
+        .map_or(0, |v| decode_u64(v.value()));
+    let next = now.saturating_add_signed(delta);
+    meta.insert("spool-bytes", next.to_be_bytes().as_slice())?;
+    Ok(())
+}
+
+fn decode_u64(bytes: &[u8]) -> u64 {
+    bytes.try_into().map(u64::from_be_bytes).unwrap_or(0)
+}
+
+/// What the index remembers of a file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IndexEntry {
+    /// Length in bytes.
+    pub size: u64,
+    /// Modification time, nanoseconds since the epoch.
+    pub mtime: i128,
+    /// Change time, nanoseconds since the epoch.
+    pub ctime: i128,
+    /// Inode.
+    pub inode: u64,
+    /// Device.
+    pub device: u64,
+    /// Mode (type and permissions).
+    pub mode: u32,
+    /// The content as the tree references it.
+    pub content: Content,
+    /// Every chunk id of the content (for lists: the ids inside them), which the
+    /// snapshot must keep.
+    pub chunks: Vec<ObjectId>,
+}
+
+impl IndexEntry {
+    /// Whether the file's metadata says it is unchanged.
+    pub fn same_file(&self, other: &Self) -> bool {
+        self.size == other.size
+            && self.mtime == other.mtime
+            && self.ctime == other.ctime
+            && self.inode == other.inode
+            && self.device == other.device
+            && self.mode == other.mode
+    }
+
+    /// The entry's bytes in the index.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(64 + self.chunks.len() * 32);
+        put_varint(&mut out, self.size);
+        out.extend_from_slice(&self.mtime.to_be_bytes());
+        out.extend_from_slice(&self.ctime.to_be_bytes());
+        put_varint(&mut out, self.inode);
+        put_varint(&mut out, self.device);
+        put_varint(&mut out, u64::from(self.mode));
+        let content = self.content.to_bytes();
+        put_varint(&mut out, content.len() as u64);
+        out.extend_from_slice(&content);
+        let chunks = match &self.content {
+            // Inline content is its own chunk list.
+            Content::Inline(_) => &[][..],
+            Content::Lists(_) => &self.chunks,
+        };
+        put_varint(&mut out, chunks.len() as u64);
+        for id in chunks {
+            out.extend_from_slice(id.as_bytes());
+        }
+        out
+    }
+
+    /// Decodes an index entry.
+    ///
+    /// # Errors
+    /// [`FormatError`] for a damaged entry.
+    pub fn decode(bytes: &[u8]) -> Result<Self, FormatError> {
+        let mut reader = Reader::new(bytes, "index entry");
+        let size = reader.varint()?;
+        let mut time = || -> Result<i128, FormatError> {
+            let mut raw = [0_u8; 16];
+            for byte in &mut raw {
+                *byte = reader.byte()?;
+            }
+            Ok(i128::from_be_bytes(raw))
+        };
+        let mtime = time()?;
+        let ctime = time()?;
+        let inode = reader.varint()?;
+        let device = reader.varint()?;
+        let mode = reader.varint()? as u32;
+        let len = reader.varint()? as usize;
+        let mut content_bytes = Vec::with_capacity(len.min(bytes.len()));
+        for _ in 0..len {
+            content_bytes.push(reader.byte()?);
+        }
+        let content = Content::from_bytes(&content_bytes)?;
+        let count = reader.varint()?;
+        let mut chunks = Vec::new();
+        for _ in 0..count {
+            chunks.push(reader.id()?);
+        }
+        reader.end()?;
+        if let Content::Inline(ids) = &content {
+            chunks.clone_from(ids);
+        }
+        Ok(Self {
+            size,
+            mtime,
+            ctime,
+            inode,
+            device,
+            mode,
+            content,
+            chunks,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn index_entries_round_trip() {
+        let id = |n| ObjectId::from_bytes([n; 32]);
+        for content in [
+            Content::empty(),
+            Content::Inline(vec![id(1), id(2)]),
+            Content::Lists(vec![id(3)]),
+        ] {
+            let chunks = match &content {
+                Content::Inline(ids) => ids.clone(),
+                Content::Lists(_) => vec![id(4), id(5), id(6)],
+            };
+            let entry = IndexEntry {
+                size: 123_456,
+                mtime: -5_000_000_123,
+                ctime: 1_790_000_000_000_000_001,
+                inode: 77,
+                device: 2049,
+                mode: 0o100_644,
+                content,
+                chunks,
+            };
+            assert_eq!(IndexEntry::decode(&entry.encode()).unwrap(), entry);
+            let bytes = entry.encode();
+            assert!(IndexEntry::decode(&bytes[..bytes.len() - 1]).is_err());
+        }
+    }
+
+    #[test]
+    fn heads_and_spool_counts_persist() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = open(dir.path()).unwrap();
+            assert_eq!(known_head(&db).unwrap(), None);
+            set_known_head(&db, &ObjectId::from_bytes([9; 32]), 7).unwrap();
+            let txn = db.begin_write().unwrap();
+            add_spool_bytes(&txn, 100).unwrap();
+            add_spool_bytes(&txn, -30).unwrap();
+            txn.commit().unwrap();
+        }
+        let db = open(dir.path()).unwrap();
+        assert_eq!(
+            known_head(&db).unwrap(),
+            Some((ObjectId::from_bytes([9; 32]), 7))
+        );
+        assert_eq!(spool_size(&db).unwrap(), (70, 0));
+    }
+}

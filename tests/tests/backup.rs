@@ -1,0 +1,822 @@
+//! `homing backup` and `homing restore` end to end: a real store server on
+//! loopback, a client set up with `homing init`, real files.
+
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::fs;
+use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, SystemTime};
+
+use homing_e2e::binary;
+
+use super::{homing, homing_store as store_cmd, ok, stderr, stdout};
+
+/// A store directory with one account, its server, and a client set up for it.
+struct Rig {
+    home: tempfile::TempDir,
+    store: PathBuf,
+    config: PathBuf,
+    server: Option<Child>,
+}
+
+impl Rig {
+    fn new(hard_quota: &str) -> Self {
+        let home = tempfile::tempdir().expect("a temporary directory");
+        let store = home.path().join("store");
+        let config = home.path().join("client");
+        let s = store.to_str().expect("UTF-8");
+        store_cmd(&["init", s]);
+        store_cmd(&[
+            "account", "add", "laptop", "--store", s, "--hard", hard_quota,
+        ]);
+        let prefix = home.path().join("laptop");
+        let p = prefix.to_str().expect("UTF-8");
+        store_cmd(&["ca", "issue", "laptop", "--store", s, "--out", p]);
+        let mut rig = Self {
+            home,
+            store,
+            config,
+            server: None,
+        };
+        let address = rig.start();
+        ok(homing(
+            &rig.config,
+            &[
+                "init",
+                "--store",
+                &address,
+                "--server-name",
+                "localhost",
+                "--ca",
+                &format!("{p}-ca.crt"),
+                "--cert",
+                &format!("{p}.crt"),
+                "--key",
+                &format!("{p}.key"),
+                "--no-passphrase",
+            ],
+        ));
+        rig
+    }
+
+    fn dir(&self, name: &str) -> PathBuf {
+        let dir = self.home.path().join(name);
+        fs::create_dir_all(&dir).expect("a directory");
+        dir
+    }
+
+    /// Starts the server (on a new port) and points the client at it.
+    fn start(&mut self) -> String {
+        self.stop();
+        let log = fs::File::create(self.home.path().join("serve.log")).expect("a log file");
+        let (child, address) = super::serve(&self.store, "debug", Some(log));
+        let address = address.to_string();
+        self.server = Some(child);
+        let config_file = self.config.join("config.toml");
+        if let Ok(text) = fs::read_to_string(&config_file) {
+            let text: String = text
+                .lines()
+                .map(|line| {
+                    if line.starts_with("address = ") {
+                        format!("address = \"{address}\"\n")
+                    } else {
+                        format!("{line}\n")
+                    }
+                })
+                .collect();
+            fs::write(&config_file, text).expect("the config is rewritten");
+        }
+        address
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.server.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn homing(&self, args: &[&str]) -> Output {
+        homing(&self.config, args)
+    }
+
+    /// Backs up `paths` and returns the JSON summary.
+    fn backup(&self, paths: &[&Path]) -> serde_json::Value {
+        let out = self.backup_output(paths);
+        assert!(
+            out.status.success(),
+            "backup failed: {}\n{}",
+            out.status,
+            stderr(&out)
+        );
+        summary(&out)
+    }
+
+    fn backup_output(&self, paths: &[&Path]) -> Output {
+        let mut args = vec!["backup", "--json"];
+        for path in paths {
+            args.push(path.to_str().expect("UTF-8"));
+        }
+        self.homing(&args)
+    }
+
+    fn restore(&self, snapshot: &str, target: &Path) -> Output {
+        self.homing(&[
+            "restore",
+            snapshot,
+            "--target",
+            target.to_str().expect("UTF-8"),
+            "--json",
+        ])
+    }
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn summary(out: &Output) -> serde_json::Value {
+    let all: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("JSON summary ({e}): {}", stdout(out)));
+    all[0].clone()
+}
+
+fn snapshot_of(summary: &serde_json::Value) -> String {
+    summary["snapshot"]
+        .as_str()
+        .expect("a snapshot id")
+        .to_string()
+}
+
+/// A deterministic byte stream (xorshift), compressible when `text` is set.
+fn bytes(seed: u64, len: usize, text: bool) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let words: [&[u8]; 6] = [b"backup ", b"home ", b"laptop ", b"store ", b"link ", b"\n"];
+    let mut out = Vec::with_capacity(len);
+    while out.len() < len {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        if text {
+            out.extend_from_slice(words[(state % 6) as usize]);
+        } else {
+            out.extend_from_slice(&state.to_le_bytes());
+        }
+    }
+    out.truncate(len);
+    out
+}
+
+fn is_root() -> bool {
+    // The uid of this process, without a libc dependency: /proc/self is owned by it.
+    fs::metadata("/proc/self")
+        .map(|m| m.uid() == 0)
+        .unwrap_or(false)
+}
+
+/// What a tree holds, as far as a restore must reproduce it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Item {
+    kind: &'static str,
+    mode: u32,
+    mtime: Option<(i64, i64)>,
+    owner: Option<(u32, u32)>,
+    size: u64,
+    hash: Option<[u8; 32]>,
+    target: Option<Vec<u8>>,
+    /// The first path (in walk order) sharing this file's inode.
+    link: Option<Vec<u8>>,
+}
+
+fn describe(root: &Path) -> BTreeMap<Vec<u8>, Item> {
+    let mut items = BTreeMap::new();
+    let mut inodes: BTreeMap<(u64, u64), Vec<u8>> = BTreeMap::new();
+    walk(root, b"", &mut items, &mut inodes);
+    items
+}
+
+fn walk(
+    path: &Path,
+    rel: &[u8],
+    items: &mut BTreeMap<Vec<u8>, Item>,
+    inodes: &mut BTreeMap<(u64, u64), Vec<u8>>,
+) {
+    let meta = fs::symlink_metadata(path).expect("stat");
+    let kind = meta.file_type();
+    let owner = is_root().then(|| (meta.uid(), meta.gid()));
+    let mut item = Item {
+        kind: "",
+        mode: meta.mode() & 0o7777,
+        mtime: Some((meta.mtime(), meta.mtime_nsec())),
+        owner,
+        size: 0,
+        hash: None,
+        target: None,
+        link: None,
+    };
+    if kind.is_dir() {
+        item.kind = "dir";
+        let mut names: Vec<_> = fs::read_dir(path)
+            .expect("a readable directory")
+            .map(|e| e.expect("an entry").file_name())
+            .collect();
+        names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+        for name in names {
+            let mut child_rel = rel.to_vec();
+            child_rel.push(b'/');
+            child_rel.extend_from_slice(name.as_bytes());
+            walk(&path.join(&name), &child_rel, items, inodes);
+        }
+    } else if kind.is_symlink() {
+        item.kind = "symlink";
+        item.mode = 0;
+        item.target = Some(
+            fs::read_link(path)
+                .expect("a link")
+                .as_os_str()
+                .as_bytes()
+                .to_vec(),
+        );
+    } else if kind.is_file() {
+        item.kind = "file";
+        item.size = meta.len();
+        if meta.mode() & 0o444 != 0 || is_root() {
+            item.hash = Some(*blake3::hash(&fs::read(path).expect("readable")).as_bytes());
+        }
+        if meta.nlink() > 1 {
+            let first = inodes
+                .entry((meta.dev(), meta.ino()))
+                .or_insert_with(|| rel.to_vec());
+            item.link = Some(first.clone());
+        }
+    } else {
+        item.kind = "other";
+        item.mtime = Some((meta.mtime(), meta.mtime_nsec()));
+    }
+    items.insert(rel.to_vec(), item);
+}
+
+/// Where a restore puts `source` below `target`.
+fn restored(target: &Path, source: &Path) -> PathBuf {
+    target.join(source.strip_prefix("/").expect("absolute"))
+}
+
+fn set_mtime(path: &Path, seconds_ago: u64) {
+    let when = SystemTime::now() - Duration::from_secs(seconds_ago);
+    let file = fs::File::open(path).expect("open for times");
+    file.set_modified(when).expect("set the mtime");
+}
+
+/// The tree the issue names: empty files, a large file, a sparse file, odd names,
+/// deep nesting, symlinks, hard links, a FIFO, modes, times (and owners as root).
+fn build_tree(root: &Path, big: usize) {
+    fs::create_dir_all(root).expect("the test tree is built");
+    fs::write(root.join("empty"), b"").expect("the test tree is built");
+    fs::write(root.join("big.bin"), {
+        let mut data = bytes(1, big / 2, false);
+        data.extend(bytes(2, big - big / 2, true));
+        data
+    })
+    .expect("the test tree is built");
+    let sparse = fs::File::create(root.join("sparse")).expect("the test tree is built");
+    sparse.set_len(30 << 20).expect("the test tree is built");
+    {
+        use std::io::{Seek, SeekFrom};
+        let mut sparse = sparse;
+        sparse
+            .seek(SeekFrom::Start(10 << 20))
+            .expect("the test tree is built");
+        sparse
+            .write_all(b"an island in the hole")
+            .expect("the test tree is built");
+    }
+    fs::write(root.join("ünïcødé ☃.txt"), "snow\n").expect("the test tree is built");
+    fs::write(root.join("line\nbreak"), "newline in the name\n").expect("the test tree is built");
+    fs::write(
+        root.join(OsStr::from_bytes(b"bad-\xff\xfe-utf8")),
+        "latin1\n",
+    )
+    .expect("the test tree is built");
+    let mut deep = root.join("deep");
+    for level in 0..40 {
+        deep.push(format!("level{level}"));
+    }
+    fs::create_dir_all(&deep).expect("the test tree is built");
+    fs::write(deep.join("leaf.txt"), "deep down\n").expect("the test tree is built");
+    std::os::unix::fs::symlink("empty", root.join("link-to-empty"))
+        .expect("the test tree is built");
+    std::os::unix::fs::symlink("does/not/exist", root.join("dangling"))
+        .expect("the test tree is built");
+    std::os::unix::fs::symlink("deep", root.join("link-to-dir")).expect("the test tree is built");
+    fs::write(root.join("hard1"), bytes(3, 5000, true)).expect("the test tree is built");
+    fs::hard_link(root.join("hard1"), root.join("hard2")).expect("the test tree is built");
+    let fifo = Command::new("mkfifo").arg(root.join("fifo")).status();
+    assert!(fifo.expect("mkfifo runs").success());
+    fs::write(root.join("script.sh"), "#!/bin/sh\necho hi\n").expect("the test tree is built");
+    fs::set_permissions(root.join("script.sh"), fs::Permissions::from_mode(0o750))
+        .expect("the test tree is built");
+    fs::create_dir(root.join("private")).expect("the test tree is built");
+    fs::write(root.join("private/secret"), "s3cret\n").expect("the test tree is built");
+    set_mtime(&root.join("private/secret"), 86_400 * 400);
+    fs::set_permissions(root.join("private"), fs::Permissions::from_mode(0o700))
+        .expect("the test tree is built");
+    if is_root() {
+        std::os::unix::fs::chown(root.join("script.sh"), Some(1234), Some(5678))
+            .expect("the test tree is built");
+    }
+    set_mtime(&root.join("big.bin"), 3600);
+}
+
+fn assert_same(expected: &BTreeMap<Vec<u8>, Item>, actual: &BTreeMap<Vec<u8>, Item>) {
+    for (path, item) in expected {
+        let name = String::from_utf8_lossy(path);
+        let got = actual
+            .get(path)
+            .unwrap_or_else(|| panic!("{name} is missing after restore"));
+        assert_eq!(got, item, "{name}");
+    }
+    for path in actual.keys() {
+        assert!(
+            expected.contains_key(path),
+            "{} appeared from nowhere",
+            String::from_utf8_lossy(path)
+        );
+    }
+}
+
+#[test]
+fn two_snapshots_restore_identically_to_their_states() {
+    let rig = Rig::new("0");
+    let src = rig.dir("src");
+    build_tree(&src, 100 << 20);
+    let unreadable = src.join("unreadable");
+    fs::write(&unreadable, "no entry\n").unwrap();
+    fs::set_permissions(&unreadable, fs::Permissions::from_mode(0o000)).unwrap();
+    let mut first_state = describe(&src);
+    let first = rig.backup_output(&[&src]);
+    let first_summary = summary(&first);
+    if is_root() {
+        // Root reads everything: the file is backed up like any other.
+        assert!(first.status.success(), "{}", stderr(&first));
+    } else {
+        // Everything else was backed up; the run says which file it could not read.
+        assert_eq!(first.status.code(), Some(3), "{}", stderr(&first));
+        assert_eq!(first_summary["unreadable"], 1);
+        assert!(
+            first_summary["problems"][0]
+                .as_str()
+                .unwrap()
+                .contains("unreadable")
+        );
+        first_state.remove(b"/unreadable".as_slice());
+    }
+    let first_id = snapshot_of(&first_summary);
+    assert!(first_summary["bytes_read"].as_u64().unwrap() >= 100 << 20);
+
+    // The second state: edits, a deletion, a new file, a renamed directory, a mode
+    // change, a change in the middle of the large file.
+    fs::set_permissions(&unreadable, fs::Permissions::from_mode(0o644)).unwrap();
+    fs::remove_file(&unreadable).unwrap();
+    let mut log = fs::OpenOptions::new()
+        .append(true)
+        .open(src.join("ünïcødé ☃.txt"))
+        .unwrap();
+    log.write_all(b"more snow\n").unwrap();
+    fs::remove_file(src.join("empty")).unwrap();
+    fs::write(src.join("new.txt"), bytes(9, 100_000, true)).unwrap();
+    fs::rename(src.join("private"), src.join("renamed")).unwrap();
+    fs::set_permissions(src.join("script.sh"), fs::Permissions::from_mode(0o700)).unwrap();
+    {
+        use std::io::{Seek, SeekFrom};
+        let mut big = fs::OpenOptions::new()
+            .write(true)
+            .open(src.join("big.bin"))
+            .unwrap();
+        big.seek(SeekFrom::Start(50 << 20)).unwrap();
+        big.write_all(&[0xAA; 100]).unwrap();
+    }
+    set_mtime(&src.join("big.bin"), 60);
+    let second_state = describe(&src);
+    let second_summary = rig.backup(&[&src]);
+    let second_id = snapshot_of(&second_summary);
+    // Only what changed was read: the new file, the edited ones, not the rest.
+    assert!(
+        second_summary["files_unchanged"].as_u64().unwrap() >= 6,
+        "{second_summary}"
+    );
+    let big_read = second_summary["bytes_read"].as_u64().unwrap();
+    assert!(big_read < (100 << 20) + (1 << 20), "{second_summary}");
+    // 100 bytes in the middle of a 100 MB file: a chunk or two travel, not the file.
+    assert!(
+        second_summary["bytes_uploaded"].as_u64().unwrap() < 2 << 20,
+        "{second_summary}"
+    );
+
+    for (id, state) in [(&first_id, &first_state), (&second_id, &second_state)] {
+        let target = rig.dir(&format!("restore-{}", &id[..8]));
+        let out = rig.restore(id, &target);
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert_same(state, &describe(&restored(&target, &src)));
+    }
+    // The sparse file stays sparse.
+    let target = rig.home.path().join(format!("restore-{}", &second_id[..8]));
+    let sparse = fs::metadata(restored(&target, &src).join("sparse")).unwrap();
+    assert!(
+        sparse.blocks() * 512 < 1 << 20,
+        "{} blocks",
+        sparse.blocks()
+    );
+
+    // A prefix of the id and `latest` name snapshots; a path restores alone.
+    let part = rig.dir("part");
+    let leaf = src.join("renamed/secret");
+    let out = rig.homing(&[
+        "restore",
+        &second_id[..10],
+        leaf.to_str().unwrap(),
+        "--target",
+        part.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        fs::read(restored(&part, &leaf)).unwrap(),
+        b"s3cret\n".to_vec()
+    );
+
+    // The listing has both snapshots; ls shows the odd names.
+    let list: serde_json::Value =
+        serde_json::from_str(&ok(rig.homing(&["snapshots", "--json"]))).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 2);
+    let ls = ok(rig.homing(&["ls", "latest", src.to_str().unwrap()]));
+    assert!(
+        ls.contains("ünïcødé ☃.txt") && ls.contains("new.txt"),
+        "{ls}"
+    );
+    let verify = ok(rig.homing(&["verify", "--read-data"]));
+    assert!(verify.contains("0 problems"), "{verify}");
+}
+
+#[test]
+fn an_interrupted_restore_continues_without_fetching_again() {
+    let rig = Rig::new("0");
+    let src = rig.dir("src");
+    for n in 0..20 {
+        fs::write(src.join(format!("file{n}")), bytes(n, 300_000, false)).unwrap();
+    }
+    let state = describe(&src);
+    rig.backup(&[&src]);
+    let target = rig.dir("target");
+    let first: serde_json::Value =
+        serde_json::from_slice(&rig.restore("latest", &target).stdout).unwrap();
+    assert_eq!(first["files_restored"], 20);
+    // Half of it "lost" in an interruption; one file half-written.
+    for n in 0..10 {
+        fs::remove_file(restored(&target, &src).join(format!("file{n}"))).unwrap();
+    }
+    fs::write(restored(&target, &src).join("file10"), b"half").unwrap();
+    let again: serde_json::Value =
+        serde_json::from_slice(&rig.restore("latest", &target).stdout).unwrap();
+    assert_eq!(again["files_restored"], 11, "{again}");
+    assert_eq!(again["files_in_place"], 9, "{again}");
+    assert!(
+        again["bytes_received"].as_u64().unwrap() < 12 * 300_000,
+        "{again}"
+    );
+    assert_same(&state, &describe(&restored(&target, &src)));
+}
+
+#[test]
+fn a_full_store_keeps_what_was_sealed_and_the_next_run_completes() {
+    let rig = Rig::new("2M");
+    let src = rig.dir("src");
+    fs::write(src.join("a"), bytes(1, 3 << 20, false)).unwrap();
+    fs::write(src.join("b"), bytes(2, 1 << 20, false)).unwrap();
+    let state = describe(&src);
+    let out = rig.backup_output(&[&src]);
+    assert!(!out.status.success());
+    let error = stderr(&out);
+    assert!(error.contains("the store is full"), "{error}");
+    assert!(error.contains("stay in the spool"), "{error}");
+    store_cmd(&[
+        "account",
+        "set-quota",
+        "laptop",
+        "--store",
+        rig.store.to_str().unwrap(),
+        "--hard",
+        "0",
+    ]);
+    let done = rig.backup(&[&src]);
+    // Nothing was read twice: what the first run sealed waited in the spool.
+    assert_eq!(done["bytes_read"], 0, "{done}");
+    let target = rig.dir("target");
+    assert!(rig.restore("latest", &target).status.success());
+    assert_same(&state, &describe(&restored(&target, &src)));
+}
+
+#[test]
+fn a_store_rolled_back_to_an_old_copy_is_detected() {
+    let mut rig = Rig::new("0");
+    let src = rig.dir("src");
+    fs::write(src.join("a"), "one\n").unwrap();
+    rig.backup(&[&src]);
+    rig.stop();
+    let copy = rig.home.path().join("store-copy");
+    let status = Command::new("cp")
+        .arg("-a")
+        .arg(&rig.store)
+        .arg(&copy)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    rig.start();
+    fs::write(src.join("a"), "two\n").unwrap();
+    rig.backup(&[&src]);
+    rig.stop();
+    fs::remove_dir_all(&rig.store).unwrap();
+    fs::rename(&copy, &rig.store).unwrap();
+    rig.start();
+    for args in [&["snapshots"][..], &["backup", src.to_str().unwrap()]] {
+        let out = rig.homing(args);
+        assert!(!out.status.success(), "{args:?} accepted an old store");
+        assert!(stderr(&out).contains("rollback"), "{}", stderr(&out));
+    }
+    // Nothing was committed on top of the old head.
+    let usage = store_cmd(&[
+        "account",
+        "info",
+        "laptop",
+        "--store",
+        rig.store.to_str().unwrap(),
+        "--json",
+    ]);
+    let info: serde_json::Value = serde_json::from_str(&usage).unwrap();
+    assert_eq!(info["snapshots"], 1, "{info}");
+}
+
+#[test]
+fn the_store_holds_no_names_contents_or_plain_hashes() {
+    let mut rig = Rig::new("0");
+    let src = rig.dir("src");
+    let canary = "CANARY-7c1e5b0d-homing";
+    let name = "zebra-orchid-canary-name.txt";
+    let content = format!("{canary} {}\n", "the quick brown fox ".repeat(50));
+    fs::write(src.join(name), &content).unwrap();
+    fs::create_dir(src.join("quokka-canary-dir")).unwrap();
+    let plain_file = bytes(5, 200_000, false);
+    fs::write(src.join("quokka-canary-dir/data.bin"), &plain_file).unwrap();
+    rig.backup(&[&src]);
+    rig.stop();
+
+    let mut needles: Vec<(String, Vec<u8>)> = vec![
+        ("canary".into(), canary.as_bytes().to_vec()),
+        ("file name".into(), name.as_bytes().to_vec()),
+        ("dir name".into(), b"quokka-canary-dir".to_vec()),
+        ("content".into(), plain_file[1000..1064].to_vec()),
+    ];
+    for (what, data) in [("text", content.as_bytes()), ("binary", &plain_file[..])] {
+        let b3 = blake3::hash(data);
+        needles.push((format!("BLAKE3 of {what}"), b3.as_bytes().to_vec()));
+        needles.push((
+            format!("BLAKE3 hex of {what}"),
+            b3.to_hex().as_bytes().to_vec(),
+        ));
+        let mut sha = Command::new("sha256sum")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        sha.stdin.take().unwrap().write_all(data).unwrap();
+        let hex = String::from_utf8(sha.wait_with_output().unwrap().stdout).unwrap();
+        let hex = hex.split_whitespace().next().unwrap().to_string();
+        let raw: Vec<u8> = (0..32)
+            .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
+            .collect();
+        needles.push((format!("SHA-256 of {what}"), raw));
+        needles.push((format!("SHA-256 hex of {what}"), hex.into_bytes()));
+    }
+    let mut files = vec![rig.home.path().join("serve.log")];
+    let mut stack = vec![rig.store.clone()];
+    while let Some(dir) = stack.pop() {
+        for entry in fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                files.push(path);
+            }
+        }
+    }
+    assert!(files.len() > 3);
+    for file in files {
+        let data = fs::read(&file).unwrap();
+        for (what, needle) in &needles {
+            assert!(
+                !data.windows(needle.len()).any(|w| w == needle.as_slice()),
+                "{} contains the {what}",
+                file.display()
+            );
+        }
+    }
+}
+
+#[test]
+fn tampered_objects_fail_restore_and_verify_and_write_no_wrong_bytes() {
+    let mut rig = Rig::new("0");
+    let src = rig.dir("src");
+    for n in 0..6 {
+        fs::write(src.join(format!("file{n}")), bytes(n, 400_000, false)).unwrap();
+    }
+    let state = describe(&src);
+    rig.backup(&[&src]);
+    rig.stop();
+    // Flip one byte in the middle of every segment file.
+    let segments = rig.store.join("segments");
+    let mut flipped = 0;
+    for entry in fs::read_dir(&segments).unwrap() {
+        let path = entry.unwrap().path();
+        let mut data = fs::read(&path).unwrap();
+        if data.len() > 1000 {
+            let middle = data.len() / 2;
+            data[middle] ^= 0x01;
+            fs::write(&path, data).unwrap();
+            flipped += 1;
+        }
+    }
+    assert!(flipped > 0);
+    rig.start();
+    let verify = rig.homing(&["verify", "--read-data"]);
+    assert_eq!(verify.status.code(), Some(3), "{}", stderr(&verify));
+    let report = stdout(&verify);
+    // The store finds the flipped bit itself (it keeps a hash of what it wrote);
+    // either way the object and its file are named.
+    assert!(
+        (report.contains("does not authenticate") || report.contains("damaged"))
+            && report.contains("object ")
+            && report.contains("/file"),
+        "{report}"
+    );
+    let target = rig.dir("target");
+    let out = rig.restore("latest", &target);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let failures = summary["failures"].as_array().unwrap();
+    assert!(!failures.is_empty());
+    let failure = failures[0].as_str().unwrap();
+    assert!(
+        failure.contains("/file") && failure.contains("object "),
+        "{failure}"
+    );
+    // Whatever was written is right; what failed is absent, not wrong.
+    let restored_state = describe(&restored(&target, &src));
+    for (path, item) in &restored_state {
+        if item.kind == "file" {
+            assert_eq!(
+                Some(item),
+                state.get(path),
+                "{}",
+                String::from_utf8_lossy(path)
+            );
+        }
+    }
+    let leftovers: Vec<_> = fs::read_dir(restored(&target, &src))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n.to_string_lossy().contains("homing-restore"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+/// A small seeded generator for the kill test's choices.
+struct Dice(u64);
+
+impl Dice {
+    fn next(&mut self, below: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % below
+    }
+}
+
+#[test]
+fn backups_killed_at_random_points_complete_and_every_snapshot_restores() {
+    let rig = Rig::new("0");
+    let src = rig.dir("src");
+    let mut dice = Dice(0x2026_1127);
+    let size = |n: u64| {
+        if n < 2 {
+            2 << 20
+        } else {
+            10_000 + (n * 6151) % 190_000
+        }
+    };
+    for n in 0..30 {
+        fs::write(
+            src.join(format!("f{n:02}")),
+            bytes(n, size(n) as usize, n % 3 == 0),
+        )
+        .unwrap();
+    }
+    let mut snapshots = vec![(snapshot_of(&rig.backup(&[&src])), describe(&src))];
+    for round in 0..30_u64 {
+        // Three files rewritten, sometimes one added.
+        let mut touched = 0;
+        for _ in 0..3 {
+            let n = dice.next(30);
+            let data = bytes(1000 + round * 10 + n, size(n) as usize, n.is_multiple_of(3));
+            touched += data.len() as u64;
+            fs::write(src.join(format!("f{n:02}")), data).unwrap();
+        }
+        if round.is_multiple_of(4) {
+            let data = bytes(5000 + round, 50_000, true);
+            touched += data.len() as u64;
+            fs::write(src.join(format!("new{round:02}")), data).unwrap();
+        }
+        let state = describe(&src);
+        let mut victim = Command::new(binary("homing"))
+            .arg("--config")
+            .arg(&rig.config)
+            .args(["backup", "--json"])
+            .arg(&src)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(dice.next(400)));
+        let _ = victim.kill();
+        let _ = victim.wait();
+        let summary = rig.backup(&[&src]);
+        let read = summary["bytes_read"].as_u64().unwrap();
+        assert!(
+            read <= touched,
+            "round {round}: read {read} bytes, only {touched} changed: {summary}"
+        );
+        snapshots.push((snapshot_of(&summary), state));
+    }
+    for (id, state) in &snapshots {
+        let target = rig.home.path().join(format!("r-{id}"));
+        let out = rig.restore(id, &target);
+        assert!(out.status.success(), "{id}: {}", stderr(&out));
+        assert_same(state, &describe(&restored(&target, &src)));
+        fs::remove_dir_all(&target).unwrap();
+    }
+}
+
+#[test]
+fn unreadable_files_are_named_and_skipped_and_the_rest_is_backed_up() {
+    let rig = Rig::new("0");
+    let src = rig.dir("src");
+    fs::write(src.join("readable"), "fine\n").unwrap();
+    fs::write(src.join("locked"), "secret\n").unwrap();
+    fs::set_permissions(src.join("locked"), fs::Permissions::from_mode(0o000)).unwrap();
+    fs::create_dir(src.join("closed")).unwrap();
+    fs::write(src.join("closed/inner"), "inside\n").unwrap();
+    fs::set_permissions(src.join("closed"), fs::Permissions::from_mode(0o000)).unwrap();
+    let out = if is_root() {
+        // Root reads everything: the client runs as nobody, who owns the client's
+        // files and the tree, so that only the permissions say no.
+        fs::set_permissions(rig.home.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        for path in [&rig.config, &src] {
+            let status = Command::new("chown")
+                .args(["-R", "65534:65534"])
+                .arg(path)
+                .status()
+                .unwrap();
+            assert!(status.success());
+        }
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(binary("homing"))
+            .arg("--config")
+            .arg(&rig.config)
+            .args(["backup", "--json"])
+            .arg(&src)
+            .env_remove("RUST_LOG")
+            .output()
+            .expect("setpriv runs")
+    } else {
+        rig.backup_output(&[&src])
+    };
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    let summary = summary(&out);
+    assert_eq!(summary["unreadable"], 2, "{summary}");
+    let problems = summary["problems"].to_string();
+    assert!(
+        problems.contains("/locked") && problems.contains("/closed"),
+        "{problems}"
+    );
+    assert!(summary["snapshot"].is_string(), "{summary}");
+    let target = rig.dir("target");
+    let restored_out = rig.restore("latest", &target);
+    assert!(restored_out.status.success(), "{}", stderr(&restored_out));
+    let root = restored(&target, &src);
+    assert_eq!(fs::read(root.join("readable")).unwrap(), b"fine\n");
+    assert!(!root.join("locked").exists() && !root.join("closed").exists());
+}

@@ -44,6 +44,7 @@ use serde::Serialize;
 use crate::config::BackupSet;
 use crate::remote::{self, Remote};
 use crate::state::{self, IndexEntry, KNOWN, REFS, SPOOL};
+
 use crate::tree::{
     Content, Entry, INLINE_IDS, Kind, Manifest, ManifestSummary, encode_list, encode_tree,
     split_ids,
@@ -252,7 +253,13 @@ pub fn backup(run: Run<'_>, set: &BackupSet) -> anyhow::Result<Summary> {
         .sealer
         .seal(ObjectKind::Snapshot, &manifest.encode())
         .context("cannot seal the manifest")?;
-    let committed = commit(scan.run.remote, scan.run.db, &sealed, manifest.previous);
+    let committed = commit(
+        scan.run.remote,
+        scan.run.db,
+        scan.building,
+        &sealed,
+        manifest.previous,
+    );
     let (head, _) = match committed {
         Ok(head) => head,
         Err(error) => {
@@ -283,37 +290,134 @@ pub fn backup(run: Run<'_>, set: &BackupSet) -> anyhow::Result<Summary> {
     Ok(summary)
 }
 
+/// Commits the snapshot. When this client's last commit is the store's head, only
+/// the difference of the references travels (a delta); otherwise all of them.
 fn commit(
     remote: &mut Remote,
     db: &Database,
+    building: usize,
     manifest: &SealedObject,
     parent: Option<ObjectId>,
 ) -> anyhow::Result<(ObjectId, u64)> {
+    let head_refs = state::refs_head(db)?
+        .filter(|(table, id)| *table != building && Some(*id) == parent)
+        .map(|(table, _)| table);
     let txn = db.begin_read()?;
-    let refs = txn.open_table(REFS)?;
+    let new = txn.open_table(REFS[building])?;
+    let old = txn.open_table(REFS[1 - building])?;
     let mut failed = None;
-    let references = refs.iter()?.map_while(|item| match item {
-        Ok((id, _)) => Some(ObjectId::from_bytes(*id.value())),
-        Err(error) => {
-            failed = Some(error);
-            None
+    let mut failed_removed = None;
+    let result = {
+        match head_refs {
+            Some(_) => {
+                let added = Difference::new(&new, &old, &mut failed)?;
+                let removed = Difference::new(&old, &new, &mut failed_removed)?;
+                remote.run(async |c| {
+                    c.commit(manifest.id, parent, &manifest.bytes, true, added, removed)
+                        .await
+                })
+            }
+            None => {
+                let all = Difference::all(&new, &mut failed)?;
+                remote.run(async |c| {
+                    c.commit(
+                        manifest.id,
+                        parent,
+                        &manifest.bytes,
+                        false,
+                        all,
+                        std::iter::empty(),
+                    )
+                    .await
+                })
+            }
         }
-    });
-    let result = remote.run(async |c| {
-        c.commit(manifest.id, parent, &manifest.bytes, references)
-            .await
-    });
-    if let Some(error) = failed {
+    };
+    if let Some(error) = failed.or(failed_removed) {
         return Err(error).context("cannot read the snapshot's references");
     }
+    drop((new, old, txn));
     match result {
-        Ok(head) => Ok(head),
+        Ok(head) => {
+            let txn = db.begin_write()?;
+            state::set_refs_head(&txn, Some((building, &head.0)))?;
+            txn.commit()?;
+            Ok(head)
+        }
         Err(ClientError::Store(WireError::StaleParent { head })) => bail!(
             "another client committed to this account meanwhile (head {}); run the \
              backup again",
             head.map(|h| h.to_string()).unwrap_or_else(|| "none".into())
         ),
         Err(error) => Err(anyhow::Error::new(error)).context("the store refused the snapshot"),
+    }
+}
+
+/// The ids of one reference table that another lacks, in id order: a merge of
+/// two sorted tables, streamed, so that memory does not grow with the backup.
+struct Difference<'t> {
+    left: redb::Range<'t, &'static [u8; 32], ()>,
+    right: Option<std::iter::Peekable<redb::Range<'t, &'static [u8; 32], ()>>>,
+    failed: &'t mut Option<redb::StorageError>,
+}
+
+impl<'t> Difference<'t> {
+    fn new(
+        left: &'t redb::ReadOnlyTable<&'static [u8; 32], ()>,
+        right: &'t redb::ReadOnlyTable<&'static [u8; 32], ()>,
+        failed: &'t mut Option<redb::StorageError>,
+    ) -> anyhow::Result<Self> {
+        Ok(Self {
+            left: left.iter()?,
+            right: Some(right.iter()?.peekable()),
+            failed,
+        })
+    }
+
+    fn all(
+        table: &'t redb::ReadOnlyTable<&'static [u8; 32], ()>,
+        failed: &'t mut Option<redb::StorageError>,
+    ) -> anyhow::Result<Self> {
+        Ok(Self {
+            left: table.iter()?,
+            right: None,
+            failed,
+        })
+    }
+}
+
+impl Iterator for Difference<'_> {
+    type Item = ObjectId;
+
+    fn next(&mut self) -> Option<ObjectId> {
+        loop {
+            let id = match self.left.next()? {
+                Ok((id, _)) => *id.value(),
+                Err(error) => {
+                    *self.failed = Some(error);
+                    return None;
+                }
+            };
+            let Some(right) = self.right.as_mut() else {
+                return Some(ObjectId::from_bytes(id));
+            };
+            // Skip the right side up to `id`.
+            loop {
+                match right.peek() {
+                    Some(Ok((other, _))) if *other.value() < id => {
+                        right.next();
+                    }
+                    Some(Ok((other, _))) if *other.value() == id => break,
+                    Some(Err(_)) => {
+                        if let Some(Err(error)) = right.next() {
+                            *self.failed = Some(error);
+                        }
+                        return None;
+                    }
+                    _ => return Some(ObjectId::from_bytes(id)),
+                }
+            }
+        }
     }
 }
 
@@ -324,6 +428,8 @@ fn forget_known(db: &Database, set: &str) -> anyhow::Result<()> {
     txn.open_table(KNOWN)?;
     let name = state::index_name(set);
     txn.delete_table(state::index_table(&name))?;
+    // The next commit sends the whole list.
+    state::set_refs_head(&txn, None)?;
     txn.commit()?;
     Ok(())
 }
@@ -365,6 +471,8 @@ struct Scan<'a> {
     excludes: Gitignore,
     sealer: Sealer<'a>,
     index_name: String,
+    /// Which of [`REFS`] collects this snapshot's references.
+    building: usize,
     old_index: ReadOnlyTable<&'static [u8], &'static [u8]>,
     cursor: Option<Vec<u8>>,
     txn: Option<WriteTransaction>,
@@ -379,10 +487,12 @@ struct Scan<'a> {
 impl<'a> Scan<'a> {
     fn new(run: Run<'a>, set: &'a BackupSet, excludes: Gitignore) -> anyhow::Result<Self> {
         let index_name = state::index_name(&set.name);
-        // The snapshot's references are collected afresh.
+        // The snapshot's references are collected afresh, in the table that does
+        // not hold those of the last commit.
+        let building = state::refs_head(run.db)?.map_or(0, |(table, _)| 1 - table);
         let txn = run.db.begin_write()?;
-        txn.delete_table(REFS)?;
-        txn.open_table(REFS)?;
+        txn.delete_table(REFS[building])?;
+        txn.open_table(REFS[building])?;
         txn.open_table(state::index_table(&index_name))?;
         txn.commit()?;
         let old_index = run
@@ -408,6 +518,7 @@ impl<'a> Scan<'a> {
             excludes,
             sealer,
             index_name,
+            building,
             old_index,
             cursor: None,
             txn: None,
@@ -474,8 +585,9 @@ impl<'a> Scan<'a> {
 
     /// Adds ids to the snapshot's references.
     fn reference(&mut self, ids: &[ObjectId]) -> anyhow::Result<()> {
+        let building = self.building;
         let txn = self.txn()?;
-        let mut refs = txn.open_table(REFS)?;
+        let mut refs = txn.open_table(REFS[building])?;
         for id in ids {
             refs.insert(id.as_bytes(), ())?;
         }

@@ -20,9 +20,15 @@ use crate::tree::{Content, FormatError, Reader, put_varint};
 pub const SPOOL: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("spool");
 /// Ids the store confirmed holding: id → ().
 pub const KNOWN: TableDefinition<&[u8; 32], ()> = TableDefinition::new("known");
-/// Ids the snapshot being built references: id → ().
-pub const REFS: TableDefinition<&[u8; 32], ()> = TableDefinition::new("refs");
-/// Small values: `head` (id ‖ sequence, big-endian) and `spool-bytes`.
+/// The reference sets: id → (). One holds the references of the last snapshot
+/// this client committed (see [`refs_head`]), the other those of the snapshot
+/// being built; a commit sends the difference and then swaps them.
+pub const REFS: [TableDefinition<&[u8; 32], ()>; 2] = [
+    TableDefinition::new("refs-0"),
+    TableDefinition::new("refs-1"),
+];
+/// Small values: `head` (id ‖ sequence, big-endian), `spool-bytes`, and
+/// `refs-head` (which of [`REFS`] ‖ the snapshot whose references it holds).
 pub const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
 /// The index table named `name` (from [`index_name`]): key → [`IndexEntry`].
@@ -53,7 +59,8 @@ pub fn open(dir: &Path) -> anyhow::Result<Database> {
     let txn = db.begin_write()?;
     txn.open_table(SPOOL)?;
     txn.open_table(KNOWN)?;
-    txn.open_table(REFS)?;
+    txn.open_table(REFS[0])?;
+    txn.open_table(REFS[1])?;
     txn.open_table(META)?;
     txn.commit()?;
     Ok(db)
@@ -87,6 +94,49 @@ pub fn set_known_head(db: &Database, id: &ObjectId, sequence: u64) -> anyhow::Re
     let txn = db.begin_write()?;
     txn.open_table(META)?.insert("head", value.as_slice())?;
     txn.commit()?;
+    Ok(())
+}
+
+/// Which reference table holds the references of which committed snapshot.
+///
+/// # Errors
+/// Database errors.
+pub fn refs_head(db: &Database) -> anyhow::Result<Option<(usize, ObjectId)>> {
+    let txn = db.begin_read()?;
+    let meta = txn.open_table(META)?;
+    let Some(value) = meta.get("refs-head")? else {
+        return Ok(None);
+    };
+    let bytes = value.value();
+    anyhow::ensure!(
+        bytes.len() == 33 && bytes[0] < 2,
+        "the state's refs-head record is damaged"
+    );
+    let id = ObjectId::from_bytes(bytes[1..].try_into().expect("32 bytes"));
+    Ok(Some((usize::from(bytes[0]), id)))
+}
+
+/// Records that reference table `table` holds the references of `snapshot`
+/// (`None`: of no snapshot the store may have).
+///
+/// # Errors
+/// Database errors.
+pub fn set_refs_head(
+    txn: &redb::WriteTransaction,
+    head: Option<(usize, &ObjectId)>,
+) -> anyhow::Result<()> {
+    let mut meta = txn.open_table(META)?;
+    match head {
+        Some((table, id)) => {
+            let mut value = [0_u8; 33];
+            value[0] = u8::try_from(table).expect("0 or 1");
+            value[1..].copy_from_slice(id.as_bytes());
+            meta.insert("refs-head", value.as_slice())?;
+        }
+        None => {
+            meta.remove("refs-head")?;
+        }
+    }
     Ok(())
 }
 

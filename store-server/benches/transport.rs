@@ -28,7 +28,9 @@ use homing_store::backend::LocalBackend;
 use homing_store::ca::Ca;
 use homing_store::objects::ObjectStore;
 use homing_store::server::{Server, tls_config};
-use homing_transfer::proto::{ClientMessage, FrameDecoder, MAX_FRAME_PAYLOAD, ServerMessage};
+use homing_transfer::proto::{
+    ClientMessage, FrameDecoder, MAX_FRAME_PAYLOAD, PROTOCOL_VERSION, ServerMessage,
+};
 use homing_transfer::stream::{MeteredStream, Rate, Traffic, Unmetered};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -68,8 +70,8 @@ async fn connect(address: SocketAddr, config: Arc<rustls::ClientConfig>) -> (Tls
 async fn hello(tls: &mut Tls, decoder: &mut FrameDecoder) {
     let mut out = Vec::new();
     ClientMessage::Hello {
-        min_version: 1,
-        max_version: 1,
+        min_version: PROTOCOL_VERSION,
+        max_version: PROTOCOL_VERSION,
     }
     .encode(&mut out);
     tls.write_all(&out).await.unwrap();
@@ -210,7 +212,7 @@ fn main() {
         let (mut reader, mut writer) = tokio::io::split(tls);
         let mut decoder = FrameDecoder::new(MAX_FRAME_PAYLOAD);
         let mut out = Vec::new();
-        ClientMessage::Hello { min_version: 1, max_version: 1 }.encode(&mut out);
+        ClientMessage::Hello { min_version: PROTOCOL_VERSION, max_version: PROTOCOL_VERSION }.encode(&mut out);
         writer.write_all(&out).await.unwrap();
         next(&mut reader, &mut decoder, |m| assert!(matches!(m, ServerMessage::Welcome { .. }))).await;
         let (handshake_up, _) = meter.read();

@@ -108,6 +108,15 @@ pub enum StoreError {
         /// Some of them (at most 1000).
         ids: Vec<ObjectId>,
     },
+    /// A commit that contradicts the account's history (a delta that removes an
+    /// id its parent does not reference).
+    #[error("account {account:?}: invalid commit: {message}")]
+    InvalidCommit {
+        /// The account.
+        account: String,
+        /// What is wrong.
+        message: String,
+    },
     /// An object's bytes no longer match the checksum taken when it was stored.
     #[error(
         "object {id} of account {account:?} is damaged (segment {segment:016x}, offset {offset}): its bytes changed since they were stored"

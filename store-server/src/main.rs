@@ -239,6 +239,11 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                     "objects": report.objects,
                     "bytes": report.bytes,
                     "damaged": damaged,
+                    "lost": report.lost.iter().map(|l| serde_json::json!({
+                        "account": l.account,
+                        "id": l.id.to_string(),
+                        "snapshots": l.snapshots,
+                    })).collect::<Vec<_>>(),
                     "unreferenced_bytes": report.unreferenced_bytes,
                     "repaired": report.repaired,
                 });
@@ -249,6 +254,12 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                     println!(
                         "DAMAGED account {} object {}: {}",
                         damage.account, damage.id, damage.problem
+                    );
+                }
+                for lost in &report.lost {
+                    println!(
+                        "LOST account {} object {}: needed by snapshots {:?}",
+                        lost.account, lost.id, lost.snapshots
                     );
                 }
                 if report.unreferenced_bytes > 0 {
@@ -264,7 +275,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                     );
                 }
             }
-            if !report.damaged.is_empty() && !report.repaired {
+            if (!report.damaged.is_empty() && !report.repaired) || !report.lost.is_empty() {
                 return Ok(ExitCode::FAILURE);
             }
         }

@@ -52,8 +52,16 @@ const ACCOUNTS: TableDefinition<&str, &[u8]> = TableDefinition::new("accounts");
 const QUARANTINE: TableDefinition<&[u8], &[u8]> = TableDefinition::new("quarantine");
 /// (account, sequence u64 big-endian) → manifest id, committed-at u64, parent flag + id.
 const SNAPSHOTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("snapshots");
-/// (account, sequence u64 big-endian) → the ids the snapshot's commit referenced.
-const REFERENCES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("references");
+/// (account, id) → the spans of snapshot sequence numbers that reference the id:
+/// pairs of (first u64, end u64) little-endian, `end` exclusive, [`OPEN`] while the
+/// head still references it. The snapshots of an account form one chain, so a
+/// commit only opens and closes spans (its delta) and a snapshot's references
+/// are the ids with a span around its sequence number; retention and `check`
+/// read them without keys.
+const LIVE: TableDefinition<&[u8], &[u8]> = TableDefinition::new("live");
+
+/// The end of a span the head still references.
+const OPEN: u64 = u64::MAX;
 /// account → head manifest id, head sequence u64.
 const HEADS: TableDefinition<&str, &[u8]> = TableDefinition::new("heads");
 
@@ -128,6 +136,9 @@ pub struct CheckReport {
     pub bytes: u64,
     /// Objects that are damaged or unreadable.
     pub damaged: Vec<Damage>,
+    /// Objects kept snapshots reference that the store does not hold whole (lost
+    /// to damage, or missing): what a restore of those snapshots would lack.
+    pub lost: Vec<Lost>,
     /// Bytes in segments that no object refers to (crash leftovers).
     pub unreferenced_bytes: u64,
     /// Whether damaged objects were moved to quarantine.
@@ -143,6 +154,17 @@ pub struct Damage {
     pub id: ObjectId,
     /// What is wrong.
     pub problem: String,
+}
+
+/// An object that kept snapshots need and the store does not hold (whole).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lost {
+    /// Its account.
+    pub account: String,
+    /// The object.
+    pub id: ObjectId,
+    /// The sequence numbers of the kept snapshots that reference it.
+    pub snapshots: Vec<u64>,
 }
 
 /// Where an object is, and the checksum of its bytes.
@@ -211,7 +233,7 @@ impl<B: Backend> ObjectStore<B> {
             .create(dir.join("index.redb"))
             .map_err(index)?;
         let txn = db.begin_write().map_err(index)?;
-        for table in [OBJECTS, QUARANTINE, SNAPSHOTS, REFERENCES] {
+        for table in [OBJECTS, QUARANTINE, SNAPSHOTS, LIVE] {
             txn.open_table(table).map_err(index)?;
         }
         txn.open_table(PARTIALS).map_err(index)?;
@@ -328,23 +350,36 @@ impl<B: Backend> ObjectStore<B> {
     }
 
     /// Commits a snapshot: its manifest `manifest_id` (already stored) follows
-    /// `parent`, which must be the account's head, and every id in `references`
-    /// must be stored. Atomic: either all of it is recorded or nothing. Returns the
-    /// new head's sequence number.
+    /// `parent`, which must be the account's head, and references what `change`
+    /// says: the parent's references plus `added` minus `removed` for a delta,
+    /// exactly `added` otherwise. Every added id must be stored (the parent's are:
+    /// nothing a kept snapshot references is ever collected). Atomic: either all of
+    /// it is recorded or nothing. Returns the new head's sequence number.
     ///
     /// # Errors
     /// [`StoreError::StaleParent`], [`StoreError::MissingReferences`] (the manifest
-    /// included), or an index failure.
+    /// included), [`StoreError::InvalidCommit`] for a delta that removes an id the
+    /// parent does not reference, or an index failure.
     pub fn commit(
         &self,
         account: &str,
         manifest_id: &ObjectId,
         parent: Option<&ObjectId>,
-        references: &[ObjectId],
+        change: &Change<'_>,
         committed_at: u64,
     ) -> Result<u64, StoreError> {
         if self.account(account)?.disabled {
             return Err(StoreError::AccountDisabled(account.to_string()));
+        }
+        let invalid = |message: String| StoreError::InvalidCommit {
+            account: account.to_string(),
+            message,
+        };
+        if change.delta && parent.is_none() {
+            return Err(invalid("a delta commit needs a parent".into()));
+        }
+        if !change.delta && !change.removed.is_empty() {
+            return Err(invalid("only a delta commit removes ids".into()));
         }
         let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let txn = self.db.begin_write().map_err(index)?;
@@ -363,7 +398,33 @@ impl<B: Backend> ObjectStore<B> {
             let objects = txn.open_table(OBJECTS).map_err(index)?;
             let mut missing = Vec::new();
             let mut count = 0;
-            for id in std::iter::once(manifest_id).chain(references) {
+            // Objects `check --repair` quarantined that the head still references
+            // count as missing too: a delta does not name them, but the snapshot
+            // would need them.
+            let quarantined: Vec<ObjectId> = {
+                let quarantine = txn.open_table(QUARANTINE).map_err(index)?;
+                let live = txn.open_table(LIVE).map_err(index)?;
+                let (start, end) = account_range(account);
+                let mut ids = Vec::new();
+                for item in quarantine
+                    .range(start.as_slice()..=end.as_slice())
+                    .map_err(index)?
+                {
+                    let (k, _) = item.map_err(index)?;
+                    let still = live
+                        .get(k.value())
+                        .map_err(index)?
+                        .is_some_and(|v| is_open(v.value()));
+                    if still && change.delta {
+                        ids.push(split_key(k.value()).1);
+                    }
+                }
+                ids
+            };
+            for id in std::iter::once(manifest_id)
+                .chain(change.added)
+                .chain(&quarantined)
+            {
                 if objects
                     .get(key(account, id).as_slice())
                     .map_err(index)?
@@ -382,16 +443,66 @@ impl<B: Backend> ObjectStore<B> {
                     ids: missing,
                 });
             }
-            // The index keeps every referenced id, so the list is charged like
-            // object bytes: a client cannot fill the disk with commits.
-            charge(
-                &txn,
-                account,
-                REFERENCE_COST * references.len() as u64,
-                0,
-                Quota::Enforce,
-            )?;
             let sequence = head.map_or(1, |(_, s)| s + 1);
+            let mut live = txn.open_table(LIVE).map_err(index)?;
+            // Spans the head closes: the removed ids, or for a whole list every
+            // id the head referenced that the list does not name.
+            let closing: Vec<ObjectId> = if change.delta {
+                change.removed.to_vec()
+            } else {
+                let named: std::collections::HashSet<&ObjectId> = change.added.iter().collect();
+                let (start, end) = account_range(account);
+                let mut closing = Vec::new();
+                for item in live
+                    .range(start.as_slice()..=end.as_slice())
+                    .map_err(index)?
+                {
+                    let (k, v) = item.map_err(index)?;
+                    let (_, id) = split_key(k.value());
+                    if is_open(v.value()) && !named.contains(&id) {
+                        closing.push(id);
+                    }
+                }
+                closing
+            };
+            for id in &closing {
+                let k = key(account, id);
+                let mut spans = live
+                    .get(k.as_slice())
+                    .map_err(index)?
+                    .map(|v| v.value().to_vec())
+                    .unwrap_or_default();
+                if !is_open(&spans) {
+                    return Err(invalid(format!(
+                        "it removes {id}, which the parent does not reference"
+                    )));
+                }
+                let at = spans.len() - 8;
+                spans[at..].copy_from_slice(&sequence.to_le_bytes());
+                live.insert(k.as_slice(), spans.as_slice()).map_err(index)?;
+            }
+            let mut opened = 0_u64;
+            for id in change.added {
+                let k = key(account, id);
+                let mut spans = live
+                    .get(k.as_slice())
+                    .map_err(index)?
+                    .map(|v| v.value().to_vec())
+                    .unwrap_or_default();
+                if is_open(&spans) {
+                    // Referenced already (listed twice, or a whole list).
+                    continue;
+                }
+                spans.extend_from_slice(&sequence.to_le_bytes());
+                spans.extend_from_slice(&OPEN.to_le_bytes());
+                live.insert(k.as_slice(), spans.as_slice()).map_err(index)?;
+                opened += 1;
+            }
+            drop(live);
+            drop(objects);
+            // The index keeps every span, so new ones are charged like object
+            // bytes: a client cannot fill the disk with commits.
+            charge(&txn, account, REFERENCE_COST * opened, 0, Quota::Enforce)?;
             let snapshot_key = snapshot_key(account, sequence);
             let mut value = Vec::with_capacity(32 + 8 + 33);
             value.extend_from_slice(manifest_id.as_bytes());
@@ -407,11 +518,6 @@ impl<B: Backend> ObjectStore<B> {
                 .map_err(index)?
                 .insert(snapshot_key.as_slice(), value.as_slice())
                 .map_err(index)?;
-            let ids: Vec<u8> = references.iter().flat_map(|id| *id.as_bytes()).collect();
-            txn.open_table(REFERENCES)
-                .map_err(index)?
-                .insert(snapshot_key.as_slice(), ids.as_slice())
-                .map_err(index)?;
             let mut head_value = [0_u8; 40];
             head_value[..32].copy_from_slice(manifest_id.as_bytes());
             head_value[32..].copy_from_slice(&sequence.to_le_bytes());
@@ -422,6 +528,71 @@ impl<B: Backend> ObjectStore<B> {
         };
         txn.commit().map_err(index)?;
         Ok(sequence)
+    }
+
+    /// The objects kept snapshots reference that are missing or `damaged`.
+    fn lost(&self, damaged: &[Damage]) -> Result<Vec<Lost>, StoreError> {
+        let damaged: std::collections::HashSet<(&str, ObjectId)> =
+            damaged.iter().map(|d| (d.account.as_str(), d.id)).collect();
+        let txn = self.db.begin_read().map_err(index)?;
+        let snapshots = txn.open_table(SNAPSHOTS).map_err(index)?;
+        let mut kept: std::collections::HashMap<String, Vec<u64>> = Default::default();
+        for item in snapshots.iter().map_err(index)? {
+            let (k, _) = item.map_err(index)?;
+            let k = k.value();
+            let (account, sequence) = k.split_at(k.len() - 8);
+            let account = String::from_utf8_lossy(&account[..account.len() - 1]).into_owned();
+            let sequence = u64::from_be_bytes(sequence.try_into().expect("8 bytes"));
+            kept.entry(account).or_default().push(sequence);
+        }
+        let live = txn.open_table(LIVE).map_err(index)?;
+        let objects = txn.open_table(OBJECTS).map_err(index)?;
+        let mut lost = Vec::new();
+        for item in live.iter().map_err(index)? {
+            let (k, v) = item.map_err(index)?;
+            let (account, id) = split_key(k.value());
+            let Some(sequences) = kept.get(&account) else {
+                continue;
+            };
+            let needed: Vec<u64> = sequences
+                .iter()
+                .copied()
+                .filter(|s| spans_contain(v.value(), *s))
+                .collect();
+            if needed.is_empty() {
+                continue;
+            }
+            let held = objects.get(k.value()).map_err(index)?.is_some();
+            if !held || damaged.contains(&(account.as_str(), id)) {
+                lost.push(Lost {
+                    account,
+                    id,
+                    snapshots: needed,
+                });
+            }
+        }
+        Ok(lost)
+    }
+
+    /// The ids snapshot `sequence` of `account` references (for `check` and tests).
+    ///
+    /// # Errors
+    /// An index failure.
+    pub fn references(&self, account: &str, sequence: u64) -> Result<Vec<ObjectId>, StoreError> {
+        let txn = self.db.begin_read().map_err(index)?;
+        let live = txn.open_table(LIVE).map_err(index)?;
+        let (start, end) = account_range(account);
+        let mut ids = Vec::new();
+        for item in live
+            .range(start.as_slice()..=end.as_slice())
+            .map_err(index)?
+        {
+            let (k, v) = item.map_err(index)?;
+            if spans_contain(v.value(), sequence) {
+                ids.push(split_key(k.value()).1);
+            }
+        }
+        Ok(ids)
     }
 
     /// How many snapshots the account keeps, counted in the index without reading
@@ -828,6 +999,7 @@ impl<B: Backend> ObjectStore<B> {
             report.unreferenced_bytes +=
                 len.saturating_sub(referenced.get(&segment).copied().unwrap_or(0));
         }
+        report.lost = self.lost(&report.damaged)?;
         if repair && !report.damaged.is_empty() {
             let txn = self.db.begin_write().map_err(index)?;
             {
@@ -1284,3 +1456,36 @@ fn decode_account(bytes: &[u8]) -> Account {
 
 #[cfg(test)]
 mod tests;
+
+/// What a commit says about its references.
+#[derive(Debug, Clone, Copy)]
+pub struct Change<'a> {
+    /// Whether `added` and `removed` are relative to the parent's references.
+    pub delta: bool,
+    /// Ids added (delta) or every id (whole list).
+    pub added: &'a [ObjectId],
+    /// Ids the parent references that the snapshot does not (delta only).
+    pub removed: &'a [ObjectId],
+}
+
+/// Whether the last span of an encoded span list is open.
+fn is_open(spans: &[u8]) -> bool {
+    spans.len() >= 16 && spans[spans.len() - 8..] == OPEN.to_le_bytes()
+}
+
+/// Whether an encoded span list contains `sequence`.
+fn spans_contain(spans: &[u8], sequence: u64) -> bool {
+    spans.chunks_exact(16).any(|pair| {
+        let first = u64::from_le_bytes(pair[..8].try_into().expect("8 bytes"));
+        let end = u64::from_le_bytes(pair[8..].try_into().expect("8 bytes"));
+        first <= sequence && sequence < end
+    })
+}
+
+/// The first and last keys of an account's objects (and spans).
+fn account_range(account: &str) -> (Vec<u8>, Vec<u8>) {
+    (
+        key(account, &ObjectId::from_bytes([0; 32])),
+        key(account, &ObjectId::from_bytes([0xff; 32])),
+    )
+}

@@ -29,7 +29,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::StoreError;
 use crate::backend::Backend;
 use crate::ca::Ca;
-use crate::objects::{Holding, ObjectStore, PutOutcome};
+use crate::objects::{Change, Holding, ObjectStore, PutOutcome};
 
 /// The ALPN name of protocol version 1.
 pub const ALPN: &[u8] = b"homing/1";
@@ -229,6 +229,7 @@ impl<B: Backend + 'static> Server<B> {
             client,
             greeted: false,
             commit_ids: Vec::new(),
+            commit_removed: Vec::new(),
             batch: Vec::new(),
             batch_bytes: 0,
         };
@@ -465,12 +466,24 @@ impl<B: Backend + 'static> Server<B> {
                 }
                 session.commit_ids.extend(ids);
             }
+            ClientMessage::CommitRemoved { ids } => {
+                if session.commit_removed.len() + ids.len() > MAX_COMMIT_IDS {
+                    ServerMessage::Error(WireError::Malformed {
+                        message: format!("a commit may remove at most {MAX_COMMIT_IDS} ids"),
+                    })
+                    .encode(out);
+                    return Flow::Close;
+                }
+                session.commit_removed.extend(ids);
+            }
             ClientMessage::Commit {
                 manifest_id,
                 parent,
+                delta,
                 manifest,
             } => {
                 let references = std::mem::take(&mut session.commit_ids);
+                let removed = std::mem::take(&mut session.commit_removed);
                 // A commit on a stale head is refused before its manifest is stored:
                 // the client must build a new one. (Commit checks again, atomically.)
                 let result = self
@@ -502,7 +515,11 @@ impl<B: Backend + 'static> Server<B> {
                             &account,
                             &manifest_id,
                             parent.as_ref(),
-                            &references,
+                            &Change {
+                                delta,
+                                added: &references,
+                                removed: &removed,
+                            },
                             unix_now(),
                         )
                     });
@@ -625,6 +642,8 @@ struct Session {
     client: Client,
     greeted: bool,
     commit_ids: Vec<ObjectId>,
+    /// Ids the next delta commit removes.
+    commit_removed: Vec<ObjectId>,
     /// Whole objects waiting to be stored together.
     batch: Vec<(ObjectId, Vec<u8>)>,
     batch_bytes: usize,
@@ -678,6 +697,7 @@ fn wire_error(error: &StoreError) -> WireError {
         },
         StoreError::StaleParent { head, .. } => WireError::StaleParent { head: *head },
         StoreError::TooLarge { .. }
+        | StoreError::InvalidCommit { .. }
         | StoreError::LengthMismatch { .. }
         | StoreError::AccountExists(_) => WireError::Malformed {
             message: error.to_string(),

@@ -11,7 +11,8 @@ use homing_crypto::ObjectId;
 
 use super::homing_store as run;
 use homing_transfer::proto::{
-    ClientMessage, Frame, FrameDecoder, MAX_FRAME_PAYLOAD, ObjectState, ServerMessage, WireError,
+    ClientMessage, Frame, FrameDecoder, MAX_FRAME_PAYLOAD, ObjectState, PROTOCOL_VERSION,
+    ServerMessage, WireError,
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -107,8 +108,8 @@ impl Connection {
         // the Hello round trip is what shows whether the server accepted us.
         let mut hello = Vec::new();
         ClientMessage::Hello {
-            min_version: 1,
-            max_version: 1,
+            min_version: PROTOCOL_VERSION,
+            max_version: PROTOCOL_VERSION,
         }
         .encode(&mut hello);
         tls.write_all(&hello).await?;
@@ -117,7 +118,7 @@ impl Connection {
             decoder: FrameDecoder::new(MAX_FRAME_PAYLOAD),
         };
         let welcomed = connection
-            .receive(|m| matches!(m, ServerMessage::Welcome { version: 1, .. }))
+            .receive(|m| matches!(m, ServerMessage::Welcome { version, .. } if version == PROTOCOL_VERSION))
             .await?;
         if !welcomed {
             return Err(std::io::Error::other("no Welcome"));
@@ -299,17 +300,20 @@ fn upload_query_read_commit_list_over_mutual_tls() {
             ClientMessage::Commit {
                 manifest_id: id(200),
                 parent: None,
+                delta: false,
                 manifest: b"sealed manifest",
             },
             ClientMessage::Commit {
                 manifest_id: id(201),
                 parent: None,
+                delta: false,
                 manifest: b"stale",
             },
             ClientMessage::CommitIds { ids: vec![id(99)] },
             ClientMessage::Commit {
                 manifest_id: id(202),
                 parent: Some(id(200)),
+                delta: false,
                 manifest: b"next",
             },
             ClientMessage::List { from: 0 },
@@ -718,6 +722,7 @@ fn authorisation_matrix() {
             ClientMessage::Commit {
                 manifest_id: id(9),
                 parent: None,
+                delta: false,
                 manifest: b"bob's snapshot",
             },
         ])
@@ -783,6 +788,7 @@ fn authorisation_matrix() {
                     ClientMessage::Commit {
                         manifest_id: id(20),
                         parent: None,
+                        delta: false,
                         manifest: b"alice's snapshot",
                     },
                 ])

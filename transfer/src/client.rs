@@ -471,9 +471,11 @@ impl Connection {
         }
     }
 
-    /// Commits a snapshot: its sealed manifest and every id it references (sent in
-    /// as many frames as needed), on top of `parent`. Returns the new head and its
-    /// sequence number.
+    /// Commits a snapshot: its sealed manifest and the ids it references, on top
+    /// of `parent`. With `delta`, `added` are the ids the parent does not
+    /// reference and `removed` those of the parent it no longer does; without,
+    /// `added` is every id and `removed` must be empty. Ids go in as many frames as
+    /// needed. Returns the new head and its sequence number.
     ///
     /// # Errors
     /// [`ClientError::Store`] with `MissingReferences` or `StaleParent` among others.
@@ -482,27 +484,18 @@ impl Connection {
         manifest_id: ObjectId,
         parent: Option<ObjectId>,
         manifest: &[u8],
-        references: impl IntoIterator<Item = ObjectId>,
+        delta: bool,
+        added: impl IntoIterator<Item = ObjectId>,
+        removed: impl IntoIterator<Item = ObjectId>,
     ) -> Result<(ObjectId, u64), ClientError> {
-        let mut batch = Vec::with_capacity(MAX_IDS_PER_FRAME);
-        for id in references {
-            batch.push(id);
-            if batch.len() == MAX_IDS_PER_FRAME {
-                ClientMessage::CommitIds {
-                    ids: std::mem::take(&mut batch),
-                }
-                .encode(&mut self.out);
-                if self.out.len() >= 1 << 20 {
-                    self.flush().await?;
-                }
-            }
-        }
-        if !batch.is_empty() {
-            ClientMessage::CommitIds { ids: batch }.encode(&mut self.out);
-        }
+        self.send_ids(added, |ids| ClientMessage::CommitIds { ids })
+            .await?;
+        self.send_ids(removed, |ids| ClientMessage::CommitRemoved { ids })
+            .await?;
         ClientMessage::Commit {
             manifest_id,
             parent,
+            delta,
             manifest,
         }
         .encode(&mut self.out);
@@ -512,6 +505,27 @@ impl Connection {
             other => Err(other),
         })
         .await
+    }
+
+    async fn send_ids(
+        &mut self,
+        ids: impl IntoIterator<Item = ObjectId>,
+        message: impl Fn(Vec<ObjectId>) -> ClientMessage<'static>,
+    ) -> Result<(), ClientError> {
+        let mut batch = Vec::with_capacity(1024);
+        for id in ids {
+            batch.push(id);
+            if batch.len() == MAX_IDS_PER_FRAME {
+                message(std::mem::take(&mut batch)).encode(&mut self.out);
+                if self.out.len() >= 1 << 20 {
+                    self.flush().await?;
+                }
+            }
+        }
+        if !batch.is_empty() {
+            message(batch).encode(&mut self.out);
+        }
+        Ok(())
     }
 
     /// The current head and every kept snapshot, oldest first (in pages).

@@ -403,7 +403,7 @@ fn commits_are_atomic_chained_and_refuse_missing_objects() {
     }
     let manifest = id(60);
     let missing = store
-        .commit("alice", &manifest, None, &[id(61), id(99)], 1)
+        .commit("alice", &manifest, None, &whole(&[id(61), id(99)]), 1)
         .unwrap_err();
     assert!(
         matches!(&missing, StoreError::MissingReferences { count: 1, ids, .. } if ids == &[id(99)]),
@@ -416,15 +416,17 @@ fn commits_are_atomic_chained_and_refuse_missing_objects() {
     );
     assert_eq!(
         store
-            .commit("alice", &manifest, None, &[id(61), id(62)], 100)
+            .commit("alice", &manifest, None, &whole(&[id(61), id(62)]), 100)
             .unwrap(),
         1
     );
-    let stale = store.commit("alice", &id(61), None, &[], 200).unwrap_err();
+    let stale = store
+        .commit("alice", &id(61), None, &whole(&[]), 200)
+        .unwrap_err();
     assert!(matches!(stale, StoreError::StaleParent { head: Some(h), .. } if h == manifest));
     assert_eq!(
         store
-            .commit("alice", &id(61), Some(&manifest), &[id(62)], 200)
+            .commit("alice", &id(61), Some(&manifest), &whole(&[id(62)]), 200)
             .unwrap(),
         2
     );
@@ -448,7 +450,7 @@ fn commits_are_atomic_chained_and_refuse_missing_objects() {
     // Bob sees none of it, and cannot commit alice's objects as his.
     assert_eq!(store.snapshots("bob", 0, 10).unwrap().entries, vec![]);
     assert!(matches!(
-        store.commit("bob", &id(60), None, &[], 1),
+        store.commit("bob", &id(60), None, &whole(&[]), 1),
         Err(StoreError::MissingReferences { .. })
     ));
 }
@@ -472,7 +474,9 @@ fn reads_past_the_end_disabled_commits_and_stray_files_are_handled() {
         store
             .update_account("alice", |a| a.disabled = true)
             .unwrap();
-        let refused = store.commit("alice", &id(90), None, &[], 1).unwrap_err();
+        let refused = store
+            .commit("alice", &id(90), None, &whole(&[]), 1)
+            .unwrap_err();
         assert!(
             matches!(refused, StoreError::AccountDisabled(_)),
             "{refused}"
@@ -623,20 +627,30 @@ fn tiny_objects_and_reference_lists_are_charged() {
     assert_eq!(store.account("alice").unwrap().used, 2 * MIN_CHARGE);
     let references: Vec<ObjectId> = vec![id(130), id(131), id(130)];
     store
-        .commit("alice", &id(131), None, &references, 1)
+        .commit("alice", &id(131), None, &whole(&references), 1)
         .unwrap();
+    // Each id a snapshot starts to reference is charged once.
     assert_eq!(
         store.account("alice").unwrap().used,
-        2 * MIN_CHARGE + 3 * REFERENCE_COST
+        2 * MIN_CHARGE + 2 * REFERENCE_COST
     );
-    // A commit whose list does not fit under the hard quota is refused whole.
+    store
+        .put_whole("alice", &[(id(132), &b"a"[..]), (id(133), &b"b"[..])])
+        .unwrap();
+    // A commit whose new references do not fit under the hard quota is refused
+    // whole.
     store
         .update_account("alice", |a| {
-            a.hard_limit = 2 * MIN_CHARGE + 4 * REFERENCE_COST
+            a.hard_limit = 4 * MIN_CHARGE + 3 * REFERENCE_COST;
         })
         .unwrap();
+    let change = Change {
+        delta: true,
+        added: &[id(132), id(133)],
+        removed: &[],
+    };
     let full = store
-        .commit("alice", &id(131), Some(&id(131)), &references, 2)
+        .commit("alice", &id(131), Some(&id(131)), &change, 2)
         .unwrap_err();
     assert!(matches!(full, StoreError::StoreFull { .. }), "{full}");
     assert_eq!(store.snapshots("alice", 0, 10).unwrap().entries.len(), 1);
@@ -668,4 +682,121 @@ fn a_lost_partial_file_restarts_its_upload_at_zero() {
         PutOutcome::Stored
     );
     assert_eq!(store.read("alice", &id(140), 0, 100).unwrap().1, bytes);
+}
+
+fn whole(ids: &[ObjectId]) -> Change<'_> {
+    Change {
+        delta: false,
+        added: ids,
+        removed: &[],
+    }
+}
+
+#[test]
+fn delta_commits_open_and_close_spans_and_check_names_what_is_lost() {
+    let fixture = Fixture::new();
+    let store = fixture.open();
+    store.add_account("alice", 0, 0).unwrap();
+    let objects: Vec<(ObjectId, Vec<u8>)> = (150..156).map(|n| (id(n), object(n, 100))).collect();
+    let pieces: Vec<(ObjectId, &[u8])> = objects.iter().map(|(i, b)| (*i, b.as_slice())).collect();
+    store.put_whole("alice", &pieces).unwrap();
+    // 1: {150, 151, 152} (manifest 150); 2: + 153 − 151 (manifest 153);
+    // 3: whole list {150, 154} (manifest 154).
+    store
+        .commit(
+            "alice",
+            &id(150),
+            None,
+            &whole(&[id(150), id(151), id(152)]),
+            1,
+        )
+        .unwrap();
+    let delta = Change {
+        delta: true,
+        added: &[id(153)],
+        removed: &[id(151)],
+    };
+    store
+        .commit("alice", &id(153), Some(&id(150)), &delta, 2)
+        .unwrap();
+    let mut second = store.references("alice", 2).unwrap();
+    second.sort();
+    assert_eq!(second, vec![id(150), id(152), id(153)]);
+    let mut first = store.references("alice", 1).unwrap();
+    first.sort();
+    assert_eq!(first, vec![id(150), id(151), id(152)]);
+    // Removing what the parent does not reference contradicts the history.
+    let bad = Change {
+        delta: true,
+        added: &[],
+        removed: &[id(151)],
+    };
+    let refused = store
+        .commit("alice", &id(154), Some(&id(153)), &bad, 3)
+        .unwrap_err();
+    assert!(
+        matches!(refused, StoreError::InvalidCommit { .. }),
+        "{refused}"
+    );
+    store
+        .commit(
+            "alice",
+            &id(154),
+            Some(&id(153)),
+            &whole(&[id(150), id(154)]),
+            3,
+        )
+        .unwrap();
+    let mut third = store.references("alice", 3).unwrap();
+    third.sort();
+    assert_eq!(third, vec![id(150), id(154)]);
+    assert!(store.check(false).unwrap().lost.is_empty());
+
+    // Damage 150, which all three snapshots need: check names it and them, and
+    // after the repair a delta commit is refused until it is stored again.
+    let record = {
+        let txn = store.db.begin_read().unwrap();
+        let table = txn.open_table(OBJECTS).unwrap();
+        decode_record(
+            table
+                .get(key("alice", &id(150)).as_slice())
+                .unwrap()
+                .unwrap()
+                .value(),
+        )
+    };
+    let path = fixture
+        .dir
+        .path()
+        .join("segments")
+        .join(format!("{:016x}.seg", record.segment));
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[record.offset as usize] ^= 1;
+    std::fs::write(&path, bytes).unwrap();
+    let report = store.check(true).unwrap();
+    assert_eq!(report.lost.len(), 1);
+    assert_eq!(report.lost[0].id, id(150));
+    assert_eq!(report.lost[0].snapshots, vec![1, 2, 3]);
+    store
+        .put_whole("alice", &[(id(155), &objects[5].1[..])])
+        .unwrap();
+    let next = Change {
+        delta: true,
+        added: &[id(155)],
+        removed: &[],
+    };
+    let missing = store
+        .commit("alice", &id(155), Some(&id(154)), &next, 4)
+        .unwrap_err();
+    assert!(
+        matches!(&missing, StoreError::MissingReferences { ids, .. } if ids == &vec![id(150)]),
+        "{missing}"
+    );
+    store
+        .put_whole("alice", &[(id(150), &objects[0].1[..])])
+        .unwrap();
+    store
+        .commit("alice", &id(155), Some(&id(154)), &next, 4)
+        .unwrap();
+    assert!(store.check(false).unwrap().lost.is_empty());
 }

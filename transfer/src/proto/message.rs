@@ -11,7 +11,7 @@ use super::frame::{Frame, begin_frame, end_frame};
 use super::wire::{Reader, put_varint};
 
 /// The protocol versions this build speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// The largest piece of an object one `Put` or `Object` frame carries. A client on
 /// a thin link sends smaller pieces: a cut link loses at most the piece in flight.
@@ -39,6 +39,7 @@ mod kind {
     pub(super) const GET: u8 = 0x07;
     pub(super) const USAGE: u8 = 0x08;
     pub(super) const BYE: u8 = 0x09;
+    pub(super) const COMMIT_REMOVED: u8 = 0x0a;
 
     pub(super) const WELCOME: u8 = 0x81;
     pub(super) const PRESENT: u8 = 0x82;
@@ -57,8 +58,8 @@ mod kind {
 /// reply each, in the order of the requests, so they can be pipelined without ids;
 /// an `Error` replaces the reply of a request that failed. Uploads are answered per
 /// object, by id, outside that order: `Stored` when the piece that completes an
-/// object has made it durable, `Refused` when any piece of it fails. `CommitIds`
-/// and `Bye` get no reply.
+/// object has made it durable, `Refused` when any piece of it fails. `CommitIds`,
+/// `CommitRemoved` and `Bye` get no reply.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClientMessage<'a> {
     /// First frame of a connection: the versions the client speaks. Reply: `Welcome`.
@@ -85,8 +86,15 @@ pub enum ClientMessage<'a> {
         /// At most [`MAX_PIECE`] bytes.
         data: &'a [u8],
     },
-    /// Ids the next `Commit` references, in as many frames as needed. No reply.
+    /// Ids the next `Commit` references: all of them, or for a delta commit
+    /// those the parent does not reference. In as many frames as needed. No reply.
     CommitIds {
+        /// At most [`MAX_IDS_PER_FRAME`] ids.
+        ids: Vec<ObjectId>,
+    },
+    /// Ids the parent references and the next (delta) `Commit` no longer does. In
+    /// as many frames as needed. No reply.
+    CommitRemoved {
         /// At most [`MAX_IDS_PER_FRAME`] ids.
         ids: Vec<ObjectId>,
     },
@@ -97,6 +105,10 @@ pub enum ClientMessage<'a> {
         manifest_id: ObjectId,
         /// The head the client saw, which this snapshot follows (none for the first).
         parent: Option<ObjectId>,
+        /// Whether the ids sent are a delta against the parent's (`CommitIds`
+        /// added, `CommitRemoved` removed) rather than the whole list; a thin link
+        /// sends a few ids per snapshot instead of every id of the backup.
+        delta: bool,
         /// The sealed manifest, at most [`MAX_MANIFEST`] bytes.
         manifest: &'a [u8],
     },
@@ -304,13 +316,15 @@ impl<'a> ClientMessage<'a> {
     /// Appends this message as one frame to `out`.
     ///
     /// # Panics
-    /// If a list or piece exceeds its documented limit (a bug in the caller).
+    /// If a list or piece exceeds its documented limit, or a delta `Commit` has no
+    /// parent (a bug in the caller).
     pub fn encode(&self, out: &mut Vec<u8>) {
         let kind = match self {
             Self::Hello { .. } => kind::HELLO,
             Self::Query { .. } => kind::QUERY,
             Self::Put { .. } => kind::PUT,
             Self::CommitIds { .. } => kind::COMMIT_IDS,
+            Self::CommitRemoved { .. } => kind::COMMIT_REMOVED,
             Self::Commit { .. } => kind::COMMIT,
             Self::List { .. } => kind::LIST,
             Self::Get { .. } => kind::GET,
@@ -327,7 +341,9 @@ impl<'a> ClientMessage<'a> {
                 put_varint(out, u64::from(*min_version));
                 put_varint(out, u64::from(*max_version));
             }
-            Self::Query { ids } | Self::CommitIds { ids } => put_ids(out, ids),
+            Self::Query { ids } | Self::CommitIds { ids } | Self::CommitRemoved { ids } => {
+                put_ids(out, ids);
+            }
             Self::Put {
                 id,
                 total,
@@ -343,14 +359,17 @@ impl<'a> ClientMessage<'a> {
             Self::Commit {
                 manifest_id,
                 parent,
+                delta,
                 manifest,
             } => {
                 assert!(
                     manifest.len() <= MAX_MANIFEST,
                     "a manifest exceeds MAX_MANIFEST"
                 );
+                assert!(!*delta || parent.is_some(), "a delta Commit needs a parent");
                 out.extend_from_slice(manifest_id.as_bytes());
                 put_optional_id(out, parent.as_ref());
+                out.push(u8::from(*delta));
                 out.extend_from_slice(manifest);
             }
             Self::List { from } => put_varint(out, *from),
@@ -404,9 +423,24 @@ impl<'a> ClientMessage<'a> {
             kind::COMMIT_IDS => Self::CommitIds {
                 ids: get_ids(&mut r)?,
             },
+            kind::COMMIT_REMOVED => Self::CommitRemoved {
+                ids: get_ids(&mut r)?,
+            },
             kind::COMMIT => {
                 let manifest_id = r.id()?;
                 let parent = get_optional_id(&mut r)?;
+                let delta = match r.byte()? {
+                    0 => false,
+                    1 => true,
+                    _ => {
+                        return Err(ProtocolError::Malformed(
+                            "Commit's delta flag is not 0 or 1",
+                        ));
+                    }
+                };
+                if delta && parent.is_none() {
+                    return Err(ProtocolError::Malformed("a delta Commit without a parent"));
+                }
                 let manifest = r.rest();
                 if manifest.len() > MAX_MANIFEST {
                     return Err(ProtocolError::Malformed("a manifest exceeds MAX_MANIFEST"));
@@ -414,6 +448,7 @@ impl<'a> ClientMessage<'a> {
                 Self::Commit {
                     manifest_id,
                     parent,
+                    delta,
                     manifest,
                 }
             }

@@ -33,7 +33,8 @@ enum Client {
     Query(Vec<ObjectId>),
     Put(ObjectId, u32, u32, Vec<u8>),
     CommitIds(Vec<ObjectId>),
-    Commit(ObjectId, Option<ObjectId>, Vec<u8>),
+    CommitRemoved(Vec<ObjectId>),
+    Commit(ObjectId, Option<ObjectId>, bool, Vec<u8>),
     List(u64),
     Get(ObjectId, u32, u32),
     Usage,
@@ -55,9 +56,11 @@ impl Client {
                 data,
             },
             Self::CommitIds(ids) => ClientMessage::CommitIds { ids: ids.clone() },
-            Self::Commit(id, parent, manifest) => ClientMessage::Commit {
+            Self::CommitRemoved(ids) => ClientMessage::CommitRemoved { ids: ids.clone() },
+            Self::Commit(id, parent, delta, manifest) => ClientMessage::Commit {
                 manifest_id: *id,
                 parent: *parent,
+                delta: *delta,
                 manifest,
             },
             Self::List(from) => ClientMessage::List { from: *from },
@@ -78,12 +81,15 @@ fn client() -> impl Strategy<Value = Client> {
         ids().prop_map(Client::Query),
         (id(), piece()).prop_map(|(id, (t, o, d))| Client::Put(id, t, o, d)),
         ids().prop_map(Client::CommitIds),
+        ids().prop_map(Client::CommitRemoved),
         (
             id(),
             proptest::option::of(id()),
+            any::<bool>(),
             proptest::collection::vec(any::<u8>(), 0..300)
         )
-            .prop_map(|(i, p, m)| Client::Commit(i, p, m)),
+            // A delta needs a parent to be a delta of.
+            .prop_map(|(i, p, d, m)| Client::Commit(i, p, d && p.is_some(), m)),
         any::<u64>().prop_map(Client::List),
         (id(), any::<u32>(), 0..=MAX_PIECE as u32).prop_map(|(i, o, l)| Client::Get(i, o, l)),
         Just(Client::Usage),
@@ -305,7 +311,7 @@ fn lists_longer_than_the_limits_are_refused() {
         Err(ProtocolError::Malformed(_))
     ));
     let manifest = vec![0_u8; MAX_MANIFEST + 1];
-    let mut payload = vec![0_u8; 33];
+    let mut payload = vec![0_u8; 34];
     payload.extend_from_slice(&manifest);
     let frame = Frame {
         kind: 0x05,
@@ -399,6 +405,31 @@ fn pieces_past_the_end_and_oversized_gets_are_refused() {
         kind: 0x07,
         payload: &payload,
     };
+    assert!(matches!(
+        ClientMessage::decode(frame),
+        Err(ProtocolError::Malformed(_))
+    ));
+}
+
+#[test]
+fn a_delta_commit_without_a_parent_is_malformed() {
+    let mut bytes = Vec::new();
+    ClientMessage::Commit {
+        manifest_id: ObjectId::from_bytes([1; 32]),
+        parent: Some(ObjectId::from_bytes([2; 32])),
+        delta: true,
+        manifest: b"m",
+    }
+    .encode(&mut bytes);
+    // Turn the parent off by hand: [type, len, id(32), 1, parent(32), delta, m].
+    let mut without = bytes[..34].to_vec();
+    without.push(0);
+    without.push(1);
+    without.push(b'm');
+    without[1] = (without.len() - 2) as u8;
+    let mut decoder = FrameDecoder::new(MAX_FRAME_PAYLOAD);
+    decoder.push(&without);
+    let frame = decoder.next_frame().unwrap().unwrap();
     assert!(matches!(
         ClientMessage::decode(frame),
         Err(ProtocolError::Malformed(_))

@@ -25,6 +25,7 @@ pub mod backend;
 pub mod ca;
 mod error;
 pub mod objects;
+pub mod retention;
 pub mod server;
 
 pub use error::StoreError;

@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 use homing_store::backend::LocalBackend;
 use homing_store::ca::{Ca, ClientCredentials};
 use homing_store::objects::{Account, ObjectStore};
+use homing_store::retention::Policy;
 
 /// Homing's store server: keeps every account's sealed backups, which it cannot read.
 #[derive(Debug, Parser)]
@@ -57,10 +58,55 @@ enum Command {
         #[arg(long, default_value = "0.0.0.0:7473")]
         listen: std::net::SocketAddr,
     },
-    /// Retention rules (not built yet).
-    Retention {
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-        rest: Vec<String>,
+    /// Retention policies: which snapshots an account keeps.
+    #[command(subcommand)]
+    Retention(RetentionCommand),
+    /// Apply retention and delete what no kept snapshot needs (the server also
+    /// does this by itself every hour).
+    Gc {
+        #[command(flatten)]
+        store: StoreArg,
+        /// Delete an unneeded object only when it was found unneeded this many
+        /// hours before (an upload whose commit is on its way stays); 0 at once.
+        #[arg(long, default_value_t = 24)]
+        grace_hours: u64,
+        /// Say what would be deleted; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum RetentionCommand {
+    /// Keep the newest snapshot of each of the last N hours, days and weeks (0 for
+    /// all three: keep everything). The head is always kept.
+    Set {
+        /// The account.
+        account: String,
+        #[command(flatten)]
+        store: StoreArg,
+        /// Hours to keep a snapshot of.
+        #[arg(long, default_value_t = 0)]
+        keep_hourly: u32,
+        /// Days to keep a snapshot of.
+        #[arg(long, default_value_t = 0)]
+        keep_daily: u32,
+        /// Weeks to keep a snapshot of.
+        #[arg(long, default_value_t = 0)]
+        keep_weekly: u32,
+    },
+    /// Show an account's policy.
+    Show {
+        /// The account.
+        account: String,
+        #[command(flatten)]
+        store: StoreArg,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -280,11 +326,97 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Serve { store, listen } => serve(&store.dir, listen)?,
-        Command::Retention { .. } => {
-            eprintln!(
-                "homing-store: this command is not implemented in this build yet; nothing was done"
-            );
-            return Ok(ExitCode::from(2));
+        Command::Retention(RetentionCommand::Set {
+            account,
+            store,
+            keep_hourly,
+            keep_daily,
+            keep_weekly,
+        }) => {
+            let policy = Policy {
+                hourly: keep_hourly,
+                daily: keep_daily,
+                weekly: keep_weekly,
+            };
+            open_store(&store.dir)?.set_retention(&account, policy)?;
+            if policy.keeps_all() {
+                println!("Account {account} keeps every snapshot.");
+            } else {
+                println!(
+                    "Account {account} keeps the newest snapshot of the last {keep_hourly} hours, \
+                     {keep_daily} days and {keep_weekly} weeks (and always the newest). The server \
+                     applies it within the hour; `homing-store gc` applies it now."
+                );
+            }
+        }
+        Command::Retention(RetentionCommand::Show {
+            account,
+            store,
+            json,
+        }) => {
+            let policy = open_store(&store.dir)?.retention(&account)?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "account": account,
+                        "keep_hourly": policy.hourly,
+                        "keep_daily": policy.daily,
+                        "keep_weekly": policy.weekly,
+                    })
+                );
+            } else if policy.keeps_all() {
+                println!("{account}: keeps every snapshot");
+            } else {
+                println!(
+                    "{account}: keep hourly {}, daily {}, weekly {}",
+                    policy.hourly, policy.daily, policy.weekly
+                );
+            }
+        }
+        Command::Gc {
+            store,
+            grace_hours,
+            dry_run,
+            json,
+        } => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let report = open_store(&store.dir)?.collect_garbage(
+                now,
+                grace_hours.saturating_mul(3600),
+                dry_run,
+            )?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "dry_run": dry_run,
+                        "snapshots_forgotten": report.snapshots_forgotten.iter()
+                            .map(|(a, s)| serde_json::json!({"account": a, "sequence": s}))
+                            .collect::<Vec<_>>(),
+                        "objects_deleted": report.objects_deleted,
+                        "bytes_freed": report.bytes_freed,
+                        "objects_waiting": report.objects_waiting,
+                        "segments_deleted": report.segments_deleted,
+                        "segment_bytes_freed": report.segment_bytes_freed,
+                    })
+                );
+            } else {
+                let verb = if dry_run { "would forget" } else { "forgot" };
+                println!(
+                    "{verb} {} snapshots; {} {} objects ({} bytes); {} unneeded objects wait \
+                     for their grace period; {} segment files deleted ({} bytes on disk)",
+                    report.snapshots_forgotten.len(),
+                    if dry_run { "would delete" } else { "deleted" },
+                    report.objects_deleted,
+                    report.bytes_freed,
+                    report.objects_waiting,
+                    report.segments_deleted,
+                    report.segment_bytes_freed,
+                );
+            }
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -15,6 +15,7 @@
 //! invisible to every other: the account name is part of every index key, and the
 //! same id in two accounts is two objects.
 
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -25,6 +26,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use crate::backend::Backend;
 use crate::error::{StoreError, index};
+use crate::retention::{self, Policy};
 
 /// The largest sealed object the store accepts: the largest plaintext Homing writes
 /// (16 MiB), its codec byte, and the seal overhead, with room to spare.
@@ -64,6 +66,13 @@ const LIVE: TableDefinition<&[u8], &[u8]> = TableDefinition::new("live");
 const OPEN: u64 = u64::MAX;
 /// account → head manifest id, head sequence u64.
 const HEADS: TableDefinition<&str, &[u8]> = TableDefinition::new("heads");
+/// account → retention policy: hourly u32, daily u32, weekly u32 (little-endian).
+const RETENTION: TableDefinition<&str, &[u8]> = TableDefinition::new("retention");
+/// (account, id) → when garbage collection first found the object unreferenced
+/// (seconds since the epoch). An object is deleted only when a later collection,
+/// a grace period on, still finds it unreferenced: an upload whose commit is on
+/// its way is not taken from under it.
+const GARBAGE: TableDefinition<&[u8], u64> = TableDefinition::new("garbage");
 
 const RECORD_LEN: usize = 8 + 8 + 4 + 32;
 const ACCOUNT_LEN: usize = 8 + 8 + 8 + 8 + 1;
@@ -156,6 +165,23 @@ pub struct Damage {
     pub problem: String,
 }
 
+/// What a garbage collection did (or, dry, would do).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GcReport {
+    /// Snapshots the retention policies forgot: (account, sequence).
+    pub snapshots_forgotten: Vec<(String, u64)>,
+    /// Objects deleted.
+    pub objects_deleted: u64,
+    /// Their bytes.
+    pub bytes_freed: u64,
+    /// Unneeded objects still in their grace period.
+    pub objects_waiting: u64,
+    /// Segment files deleted.
+    pub segments_deleted: u64,
+    /// Their bytes on disk.
+    pub segment_bytes_freed: u64,
+}
+
 /// An object that kept snapshots need and the store does not hold (whole).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lost {
@@ -239,6 +265,8 @@ impl<B: Backend> ObjectStore<B> {
         txn.open_table(PARTIALS).map_err(index)?;
         txn.open_table(ACCOUNTS).map_err(index)?;
         txn.open_table(HEADS).map_err(index)?;
+        txn.open_table(RETENTION).map_err(index)?;
+        txn.open_table(GARBAGE).map_err(index)?;
         txn.commit().map_err(index)?;
         // Append to the newest segment; a fresh store starts at segment 1.
         let (segment, len) = backend.list()?.last().copied().unwrap_or((1, 0));
@@ -572,6 +600,281 @@ impl<B: Backend> ObjectStore<B> {
             }
         }
         Ok(lost)
+    }
+
+    /// Sets an account's retention policy (zeros: keep every snapshot).
+    ///
+    /// # Errors
+    /// An unknown account, or an index failure.
+    pub fn set_retention(&self, account: &str, policy: Policy) -> Result<(), StoreError> {
+        self.account(account)?;
+        let txn = self.db.begin_write().map_err(index)?;
+        txn.open_table(RETENTION)
+            .map_err(index)?
+            .insert(account, policy.encode().as_slice())
+            .map_err(index)?;
+        txn.commit().map_err(index)
+    }
+
+    /// An account's retention policy (zeros when none was set).
+    ///
+    /// # Errors
+    /// An unknown account, or an index failure.
+    pub fn retention(&self, account: &str) -> Result<Policy, StoreError> {
+        self.account(account)?;
+        let txn = self.db.begin_read().map_err(index)?;
+        let table = txn.open_table(RETENTION).map_err(index)?;
+        Ok(table
+            .get(account)
+            .map_err(index)?
+            .map(|v| Policy::decode(v.value()))
+            .unwrap_or_default())
+    }
+
+    /// Applies every account's retention policy, then deletes the objects no kept
+    /// snapshot needs that were found unneeded at least `grace` seconds before
+    /// `now` (at once with a grace of 0), and the segments left without objects.
+    /// With `dry_run`, reports what it would do and changes nothing.
+    ///
+    /// Safe while the server runs: it changes the index in one transaction, which
+    /// commits wait for, and deletes only segments the server no longer appends
+    /// to. It never needs a key: what a snapshot references is in the spans its
+    /// commits left.
+    ///
+    /// # Errors
+    /// An index or backend failure (what was done before it stays done).
+    pub fn collect_garbage(
+        &self,
+        now: u64,
+        grace: u64,
+        dry_run: bool,
+    ) -> Result<GcReport, StoreError> {
+        let mut report = GcReport::default();
+        let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let txn = self.db.begin_write().map_err(index)?;
+        // Which snapshots stay, and their manifests.
+        let mut kept: HashMap<String, (BTreeSet<u64>, HashSet<ObjectId>)> = HashMap::new();
+        {
+            let accounts: Vec<String> = {
+                let table = txn.open_table(ACCOUNTS).map_err(index)?;
+                let mut names = Vec::new();
+                for item in table.iter().map_err(index)? {
+                    names.push(item.map_err(index)?.0.value().to_string());
+                }
+                names
+            };
+            let retention = txn.open_table(RETENTION).map_err(index)?;
+            let heads = txn.open_table(HEADS).map_err(index)?;
+            let mut snapshots = txn.open_table(SNAPSHOTS).map_err(index)?;
+            for account in accounts {
+                let policy = retention
+                    .get(account.as_str())
+                    .map_err(index)?
+                    .map(|v| Policy::decode(v.value()))
+                    .unwrap_or_default();
+                let head = heads
+                    .get(account.as_str())
+                    .map_err(index)?
+                    .map(|v| decode_head(v.value()).1);
+                let (start, end) = (snapshot_key(&account, 0), snapshot_key(&account, u64::MAX));
+                let mut all = Vec::new();
+                for item in snapshots
+                    .range(start.as_slice()..=end.as_slice())
+                    .map_err(index)?
+                {
+                    let (k, v) = item.map_err(index)?;
+                    let k = k.value();
+                    let sequence =
+                        u64::from_be_bytes(k[k.len() - 8..].try_into().expect("8 bytes"));
+                    let v = v.value();
+                    let manifest = ObjectId::from_bytes(v[..32].try_into().expect("32 bytes"));
+                    let at = u64::from_le_bytes(v[32..40].try_into().expect("8 bytes"));
+                    all.push((sequence, at, manifest));
+                }
+                let times: Vec<(u64, u64)> = all.iter().map(|(s, t, _)| (*s, *t)).collect();
+                let keep = retention::kept(&times, head, policy);
+                let mut manifests = HashSet::new();
+                for (sequence, _, manifest) in all {
+                    if keep.contains(&sequence) {
+                        manifests.insert(manifest);
+                    } else {
+                        report.snapshots_forgotten.push((account.clone(), sequence));
+                        if !dry_run {
+                            snapshots
+                                .remove(snapshot_key(&account, sequence).as_slice())
+                                .map_err(index)?;
+                        }
+                    }
+                }
+                kept.insert(account, (keep, manifests));
+            }
+        }
+        // Spans that no kept snapshot falls in are dropped (and their charge given
+        // back); an id left without spans is needed by no snapshot.
+        let mut span_credit: HashMap<String, u64> = HashMap::new();
+        {
+            let mut live = txn.open_table(LIVE).map_err(index)?;
+            let mut changes: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+            for item in live.iter().map_err(index)? {
+                let (k, v) = item.map_err(index)?;
+                let (account, _) = split_key(k.value());
+                let keep = kept.get(&account).map(|(keep, _)| keep);
+                let spans = v.value();
+                let mut pruned = Vec::with_capacity(spans.len());
+                for pair in spans.chunks_exact(16) {
+                    let first = u64::from_le_bytes(pair[..8].try_into().expect("8 bytes"));
+                    let end = u64::from_le_bytes(pair[8..].try_into().expect("8 bytes"));
+                    let needed = end == OPEN
+                        || keep.is_some_and(|keep| keep.range(first..end).next().is_some());
+                    if needed {
+                        pruned.extend_from_slice(pair);
+                    }
+                }
+                if pruned.len() != spans.len() {
+                    let dropped = ((spans.len() - pruned.len()) / 16) as u64;
+                    *span_credit.entry(account).or_default() += dropped * REFERENCE_COST;
+                    changes.push((k.value().to_vec(), pruned));
+                }
+            }
+            if !dry_run {
+                for (k, spans) in changes {
+                    if spans.is_empty() {
+                        live.remove(k.as_slice()).map_err(index)?;
+                    } else {
+                        live.insert(k.as_slice(), spans.as_slice()).map_err(index)?;
+                    }
+                }
+            }
+        }
+        // Objects: needed if a span or a kept manifest names them.
+        let mut deletions: Vec<(Vec<u8>, Record)> = Vec::new();
+        let mut live_bytes: BTreeMap<u64, u64> = BTreeMap::new();
+        {
+            let objects = txn.open_table(OBJECTS).map_err(index)?;
+            let live = txn.open_table(LIVE).map_err(index)?;
+            let mut garbage = txn.open_table(GARBAGE).map_err(index)?;
+            for item in objects.iter().map_err(index)? {
+                let (k, v) = item.map_err(index)?;
+                let k = k.value();
+                let record = decode_record(v.value());
+                let (account, id) = split_key(k);
+                let needed = live
+                    .get(k)
+                    .map_err(index)?
+                    .is_some_and(|spans| !spans.value().is_empty())
+                    || kept
+                        .get(&account)
+                        .is_some_and(|(_, manifests)| manifests.contains(&id));
+                let since = garbage.get(k).map_err(index)?.map(|v| v.value());
+                if needed {
+                    *live_bytes.entry(record.segment).or_default() += u64::from(record.len);
+                    if since.is_some() && !dry_run {
+                        garbage.remove(k).map_err(index)?;
+                    }
+                    continue;
+                }
+                match since {
+                    Some(since) if now >= since.saturating_add(grace) => {
+                        deletions.push((k.to_vec(), record));
+                    }
+                    None if grace == 0 => deletions.push((k.to_vec(), record)),
+                    None => {
+                        report.objects_waiting += 1;
+                        *live_bytes.entry(record.segment).or_default() += u64::from(record.len);
+                        if !dry_run {
+                            garbage.insert(k, now).map_err(index)?;
+                        }
+                    }
+                    Some(_) => {
+                        report.objects_waiting += 1;
+                        *live_bytes.entry(record.segment).or_default() += u64::from(record.len);
+                    }
+                }
+            }
+        }
+        report.objects_deleted = deletions.len() as u64;
+        report.bytes_freed = deletions.iter().map(|(_, r)| u64::from(r.len)).sum();
+        if dry_run {
+            return Ok(report);
+        }
+        {
+            let mut objects = txn.open_table(OBJECTS).map_err(index)?;
+            let mut garbage = txn.open_table(GARBAGE).map_err(index)?;
+            let mut accounts = txn.open_table(ACCOUNTS).map_err(index)?;
+            let mut credit: HashMap<String, (u64, u64)> = HashMap::new();
+            for (k, record) in &deletions {
+                objects.remove(k.as_slice()).map_err(index)?;
+                garbage.remove(k.as_slice()).map_err(index)?;
+                let (account, _) = split_key(k);
+                let entry = credit.entry(account).or_default();
+                entry.0 += charged(u64::from(record.len));
+                entry.1 += 1;
+            }
+            for (account, bytes) in span_credit {
+                credit.entry(account).or_default().0 += bytes;
+            }
+            for (account, (bytes, count)) in credit {
+                let current = accounts
+                    .get(account.as_str())
+                    .map_err(index)?
+                    .map(|v| decode_account(v.value()));
+                if let Some(mut info) = current {
+                    info.used = info.used.saturating_sub(bytes);
+                    info.objects = info.objects.saturating_sub(count);
+                    accounts
+                        .insert(account.as_str(), encode_account(&info).as_slice())
+                        .map_err(index)?;
+                }
+            }
+        }
+        txn.commit().map_err(index)?;
+        // Segments without a needed object go, but never the newest: it is the
+        // one being appended to (by this process or the server).
+        let segments = self.backend.list()?;
+        let newest = segments.last().map(|(segment, _)| *segment);
+        for (segment, len) in segments {
+            if Some(segment) != newest && !live_bytes.contains_key(&segment) {
+                self.backend.delete(segment)?;
+                report.segments_deleted += 1;
+                report.segment_bytes_freed += len;
+            }
+        }
+        Ok(report)
+    }
+
+    /// Drops uploads in progress whose partial file was last written more than
+    /// `max_age` seconds before `now`: a laptop that never came back for them.
+    /// Only the server calls it (it holds the locks of the uploads it runs).
+    ///
+    /// # Errors
+    /// An index failure.
+    pub fn expire_partials(&self, now: u64, max_age: u64) -> Result<u64, StoreError> {
+        let keys: Vec<Vec<u8>> = {
+            let txn = self.db.begin_read().map_err(index)?;
+            let partials = txn.open_table(PARTIALS).map_err(index)?;
+            let mut keys = Vec::new();
+            for item in partials.iter().map_err(index)? {
+                keys.push(item.map_err(index)?.0.value().to_vec());
+            }
+            keys
+        };
+        let mut expired = 0;
+        for k in keys {
+            let (account, id) = split_key(&k);
+            let _shard = self.shards[usize::from(id.as_bytes()[0]) % SHARDS]
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let written = fs::metadata(self.partial_path(&account, &id))
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_secs());
+            if now.saturating_sub(written) > max_age {
+                self.forget_partial(&account, &id, &k)?;
+                expired += 1;
+            }
+        }
+        Ok(expired)
     }
 
     /// The ids snapshot `sequence` of `account` references (for `check` and tests).

@@ -44,6 +44,14 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A connection silent for this long is closed. Clients send no keep-alives (they
 /// cost bytes on metered links); they reconnect, with TLS session resumption.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+/// How often the server applies retention and collects garbage.
+const GC_INTERVAL: Duration = Duration::from_secs(3600);
+/// How long an unneeded object waits before it is deleted (an upload whose commit
+/// is on its way is not taken from under it).
+const GC_GRACE: u64 = 24 * 3600;
+/// How long an upload in progress may lie untouched before it is dropped.
+const PARTIAL_MAX_AGE: u64 = 7 * 24 * 3600;
+
 /// Bytes of whole objects batched before they are stored together.
 const MAX_BATCH: usize = 8 * 1024 * 1024;
 /// Whole objects batched before they are stored together (tiny objects count too).
@@ -128,6 +136,7 @@ impl<B: Backend + 'static> Server<B> {
         let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
         let sessions = Arc::new(Semaphore::new(MAX_CONNECTIONS));
         let watcher = tokio::spawn(Arc::clone(&self).watch_revocations());
+        let collector = tokio::spawn(Arc::clone(&self).collect_garbage());
         tokio::pin!(shutdown);
         let result = loop {
             let permit = tokio::select! {
@@ -155,7 +164,39 @@ impl<B: Backend + 'static> Server<B> {
             });
         };
         watcher.abort();
+        collector.abort();
         result
+    }
+
+    /// Applies retention and collects garbage every [`GC_INTERVAL`], and drops
+    /// uploads abandoned for [`PARTIAL_MAX_AGE`], on a blocking thread.
+    async fn collect_garbage(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(GC_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let server = Arc::clone(&self);
+            let done = tokio::task::spawn_blocking(move || {
+                let now = unix_now();
+                let report = server.store.collect_garbage(now, GC_GRACE, false)?;
+                let expired = server.store.expire_partials(now, PARTIAL_MAX_AGE)?;
+                Ok::<_, StoreError>((report, expired))
+            })
+            .await;
+            match done {
+                Ok(Ok((report, expired))) => tracing::info!(
+                    forgotten = report.snapshots_forgotten.len(),
+                    deleted = report.objects_deleted,
+                    bytes = report.bytes_freed,
+                    waiting = report.objects_waiting,
+                    segments = report.segments_deleted,
+                    partials = expired,
+                    "garbage collected"
+                ),
+                Ok(Err(error)) => tracing::error!(%error, "garbage collection failed"),
+                Err(error) => tracing::error!(%error, "garbage collection panicked"),
+            }
+        }
     }
 
     /// Re-reads the CRL when it changes, every two seconds.

@@ -800,3 +800,69 @@ fn delta_commits_open_and_close_spans_and_check_names_what_is_lost() {
         .unwrap();
     assert!(store.check(false).unwrap().lost.is_empty());
 }
+
+#[test]
+fn garbage_waits_out_its_grace_period_and_uploads_in_flight_survive() {
+    let fixture = Fixture::new();
+    let store = fixture.open();
+    store.add_account("alice", 0, 0).unwrap();
+    let objects: Vec<(ObjectId, Vec<u8>)> = (160..164).map(|n| (id(n), object(n, 500))).collect();
+    let pieces: Vec<(ObjectId, &[u8])> = objects.iter().map(|(i, b)| (*i, b.as_slice())).collect();
+    store.put_whole("alice", &pieces).unwrap();
+    // Snapshot 1 needs 161; snapshot 2 needs 162; 163 is an upload whose commit
+    // has not come yet.
+    store
+        .commit("alice", &id(160), None, &whole(&[id(161)]), 1000)
+        .unwrap();
+    let change = Change {
+        delta: true,
+        added: &[id(162)],
+        removed: &[id(161)],
+    };
+    store
+        .commit("alice", &id(162), Some(&id(160)), &change, 2000)
+        .unwrap();
+    store
+        .set_retention(
+            "alice",
+            Policy {
+                hourly: 1,
+                daily: 0,
+                weekly: 0,
+            },
+        )
+        .unwrap();
+    let used = store.account("alice").unwrap().used;
+    // First pass: snapshot 1 is forgotten; 160 (its manifest), 161 and 163 are
+    // unneeded and start their grace period.
+    let first = store.collect_garbage(10_000, 3600, false).unwrap();
+    assert_eq!(first.snapshots_forgotten, vec![("alice".to_string(), 1)]);
+    assert_eq!(first.objects_deleted, 0);
+    assert_eq!(first.objects_waiting, 3);
+    // 163 is committed meanwhile: it leaves the waiting list.
+    let change = Change {
+        delta: true,
+        added: &[id(163)],
+        removed: &[],
+    };
+    store
+        .commit("alice", &id(163), Some(&id(162)), &change, 12_000)
+        .unwrap();
+    // Before the grace period ends nothing goes; after it, 160 and 161 do.
+    assert_eq!(
+        store
+            .collect_garbage(12_500, 3600, false)
+            .unwrap()
+            .objects_deleted,
+        0
+    );
+    let later = store.collect_garbage(14_000, 3600, false).unwrap();
+    assert_eq!(later.objects_deleted, 2, "{later:?}");
+    assert_eq!(store.holding("alice", &id(161)).unwrap(), Holding::Missing);
+    assert_eq!(store.holding("alice", &id(160)).unwrap(), Holding::Missing);
+    for kept in [162, 163] {
+        assert_eq!(store.holding("alice", &id(kept)).unwrap(), Holding::Stored);
+    }
+    assert!(store.account("alice").unwrap().used < used);
+    assert!(store.check(false).unwrap().lost.is_empty());
+}

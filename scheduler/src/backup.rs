@@ -52,10 +52,15 @@ use crate::tree::{
 
 /// Files at least this large are sealed by the parallel pipeline.
 const PARALLEL_FROM: u64 = 8 << 20;
-/// A scan transaction is committed after this many sealed bytes ...
-const TXN_BYTES: u64 = 64 << 20;
+/// A scan transaction is committed after this many sealed bytes (redb keeps a
+/// transaction's pages in memory until it commits) ...
+const TXN_BYTES: u64 = 4 << 20;
 /// ... or this much time.
 const TXN_TIME: Duration = Duration::from_secs(5);
+/// While the store is reachable, the spool is uploaded whenever it holds this
+/// much (or the configured limit, if lower): memory and the state file stay small
+/// and the link is busy while the scan goes on.
+const UPLOAD_BATCH: u64 = 32 << 20;
 /// Tries to read a file that keeps changing while it is read.
 const READ_TRIES: usize = 3;
 /// Unreadable paths named in the summary (all are counted).
@@ -106,6 +111,10 @@ pub struct Summary {
     pub bytes_received: u64,
     /// Seconds the run took.
     pub seconds: f64,
+    /// CPU seconds this process used so far (user + system).
+    pub cpu_seconds: f64,
+    /// The largest resident memory this process had so far, in bytes.
+    pub peak_rss_bytes: u64,
     /// Paths that could not be read, and why (the first few).
     pub problems: Vec<String>,
 }
@@ -122,7 +131,7 @@ impl Summary {
              read {}, sealed {} in {} new objects, uploaded {} in {} objects\n\
              sent {} on the wire, TLS included (received {})\n\
              dedup {:.2}x (read / new), compression {:.2}x (new / sealed)\n\
-             took {:.1} s\n",
+             took {:.1} s ({:.1} s of CPU, peak memory {})\n",
             self.snapshot.as_deref().unwrap_or("-"),
             self.set,
             self.sequence,
@@ -143,6 +152,8 @@ impl Summary {
             ratio(self.bytes_read, self.bytes_new),
             ratio(self.bytes_new, self.bytes_sealed),
             self.seconds,
+            self.cpu_seconds,
+            b(self.peak_rss_bytes),
         );
         for problem in &self.problems {
             text.push_str("  unreadable: ");
@@ -157,6 +168,22 @@ impl Summary {
         }
         text
     }
+}
+
+/// The store lacked objects this client believed it held (collected as garbage,
+/// or lost and repaired): the caches that said so were dropped, and a new run
+/// seals and sends what is needed.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the store lacks {missing} or more objects this snapshot needs (first: {}); the local \
+     caches were reset, so the next run sends them again",
+    first.map(|id| id.to_string()).unwrap_or_default()
+)]
+pub struct CachesReset {
+    /// How many the store named.
+    pub missing: usize,
+    /// The first of them.
+    pub first: Option<ObjectId>,
 }
 
 /// Everything a run needs.
@@ -269,12 +296,10 @@ pub fn backup(run: Run<'_>, set: &BackupSet) -> anyhow::Result<Summary> {
                 // The store lost objects this client believed it held: forget what
                 // it believed, so that the next run seals and sends them again.
                 forget_known(scan.run.db, &set.name)?;
-                bail!(
-                    "the store lacks {}+ objects this snapshot needs (first: {}); the \
-                     local caches were reset: run the backup again",
-                    ids.len(),
-                    ids.first().map(ToString::to_string).unwrap_or_default()
-                );
+                return Err(anyhow::Error::new(CachesReset {
+                    missing: ids.len(),
+                    first: ids.first().copied(),
+                }));
             }
             return Err(error);
         }
@@ -286,6 +311,7 @@ pub fn backup(run: Run<'_>, set: &BackupSet) -> anyhow::Result<Summary> {
     summary.snapshot = Some(head.to_string());
     summary.sequence = manifest.sequence;
     summary.seconds = started.elapsed().as_secs_f64();
+    (summary.cpu_seconds, summary.peak_rss_bytes) = resources();
     scan.progress.finish_and_clear();
     Ok(summary)
 }
@@ -554,7 +580,7 @@ impl<'a> Scan<'a> {
         if self.txn_bytes >= TXN_BYTES || self.txn_started.elapsed() >= TXN_TIME {
             self.commit_txn()?;
         }
-        if self.spool_bytes >= self.run.spool_limit {
+        if self.spool_bytes >= self.run.spool_limit.min(UPLOAD_BATCH) {
             self.upload_spool().context(
                 "the spool is full and could not be uploaded; everything sealed so far \
                  is kept in the spool for the next run",
@@ -960,7 +986,7 @@ impl<'a> Scan<'a> {
         // Large files: the parallel pipeline seals on other threads; this thread
         // puts the sealed chunks into the spool, a bounded channel between them.
         let keys = self.run.keys;
-        let (sender, receiver) = std::sync::mpsc::sync_channel(32);
+        let (sender, receiver) = std::sync::mpsc::sync_channel(8);
         std::thread::scope(|scope| -> anyhow::Result<()> {
             let sealing = scope.spawn(move || {
                 seal_stream::<_, homing_transfer::Error, _>(
@@ -1085,6 +1111,43 @@ impl<'a> Scan<'a> {
         state::add_spool_bytes(&txn, -(freed as i64))?;
         txn.commit()?;
         Ok(freed)
+    }
+}
+
+/// CPU seconds and peak resident memory of this process.
+fn resources() -> (f64, u64) {
+    use nix::sys::resource::{UsageWho, getrusage};
+    let Ok(usage) = getrusage(UsageWho::RUSAGE_SELF) else {
+        return (0.0, 0);
+    };
+    let seconds = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
+    let cpu = seconds(usage.user_time()) + seconds(usage.system_time());
+    (cpu, peak_rss(usage.max_rss()))
+}
+
+/// Linux keeps `ru_maxrss` across `execve`, so a process started by a large one
+/// would report its parent's peak: the memory map's own high-water mark is the
+/// honest figure.
+#[cfg(target_os = "linux")]
+fn peak_rss(_max_rss: i64) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kib * 1024)
+        })
+        .unwrap_or(0)
+}
+
+/// `ru_maxrss` counts kilobytes on the BSDs and bytes on macOS.
+#[cfg(not(target_os = "linux"))]
+fn peak_rss(max_rss: i64) -> u64 {
+    let rss = max_rss.max(0) as u64;
+    if cfg!(target_os = "macos") {
+        rss
+    } else {
+        rss * 1024
     }
 }
 

@@ -101,18 +101,32 @@ pub fn backup(paths: &Paths, args: &BackupArgs) -> anyhow::Result<ExitCode> {
         .map(|h| h.to_string_lossy().into_owned())
         .unwrap_or_default();
     let mut summaries: Vec<Summary> = Vec::new();
+    let spool_limit = session.config.spool.limit_mib.saturating_mul(1 << 20);
+    let progress = !args.json && std::io::stderr().is_terminal();
     for set in &sets {
-        let run = Run {
-            keys: &session.keys,
-            db: &session.db,
-            remote: &mut session.remote,
-            spool_limit: session.config.spool.limit_mib.saturating_mul(1 << 20),
-            skip: vec![paths.state.clone(), paths.config.clone()],
-            progress: !args.json && std::io::stderr().is_terminal(),
-            host: host.clone(),
+        let mut attempt = || {
+            backup::backup(
+                Run {
+                    keys: &session.keys,
+                    db: &session.db,
+                    remote: &mut session.remote,
+                    spool_limit,
+                    skip: vec![paths.state.clone(), paths.config.clone()],
+                    progress,
+                    host: host.clone(),
+                },
+                set,
+            )
         };
-        let summary = backup::backup(run, set)
-            .with_context(|| format!("backup of set `{}` failed", set.name))?;
+        let summary = match attempt() {
+            // Once: the caches were wrong and are gone; a second run rebuilds them.
+            Err(error) if error.downcast_ref::<backup::CachesReset>().is_some() => {
+                tracing::warn!("{error}; running the backup again");
+                attempt()
+            }
+            other => other,
+        }
+        .with_context(|| format!("backup of set `{}` failed", set.name))?;
         if !args.json {
             print!("{}", summary.to_text());
         }

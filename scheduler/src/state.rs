@@ -16,6 +16,9 @@ use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Tab
 
 use crate::tree::{Content, FormatError, Reader, put_varint};
 
+/// The database's page cache.
+const CACHE_BYTES: usize = 4 << 20;
+
 /// Sealed objects waiting for upload: id → sealed bytes.
 pub const SPOOL: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("spool");
 /// Ids the store confirmed holding: id → ().
@@ -47,15 +50,22 @@ pub fn index_name(set: &str) -> String {
 /// If the directory cannot be created or the database is locked by another
 /// `homing` process or damaged.
 pub fn open(dir: &Path) -> anyhow::Result<Database> {
-    std::fs::create_dir_all(dir)
+    // The index names every file backed up: the directory is the owner's alone.
+    std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+        .create(dir)
         .with_context(|| format!("cannot create the state directory {}", dir.display()))?;
     let path = dir.join("state.redb");
-    let db = Database::create(&path).with_context(|| {
-        format!(
-            "cannot open {} (is another homing command running?)",
-            path.display()
-        )
-    })?;
+    // A small page cache: the spool streams sealed data through the database,
+    // and memory must stay flat however much of it passes.
+    let db = Database::builder()
+        .set_cache_size(CACHE_BYTES)
+        .create(&path)
+        .with_context(|| {
+            format!(
+                "cannot open {} (is another homing command running?)",
+                path.display()
+            )
+        })?;
     let txn = db.begin_write()?;
     txn.open_table(SPOOL)?;
     txn.open_table(KNOWN)?;

@@ -847,3 +847,88 @@ fn one_new_file_in_a_thousand_costs_a_few_kilobytes_on_the_wire() {
     // commit: well under the 8 KiB the issue allows.
     assert!(sent < 8 * 1024, "{second}");
 }
+
+#[test]
+fn retention_and_garbage_collection_free_what_no_kept_snapshot_needs() {
+    let rig = Rig::new("0");
+    let src = rig.dir("src");
+    let store = rig.store.to_str().unwrap().to_string();
+    let info = || -> serde_json::Value {
+        serde_json::from_str(&store_cmd(&[
+            "account", "info", "laptop", "--store", &store, "--json",
+        ]))
+        .unwrap()
+    };
+    fs::write(src.join("stable.txt"), "stays\n").unwrap();
+    let mut states = Vec::new();
+    for n in 0..5 {
+        fs::write(src.join("changing.bin"), bytes(100 + n, 1 << 20, false)).unwrap();
+        let summary = rig.backup(&[&src]);
+        states.push((snapshot_of(&summary), describe(&src)));
+    }
+    let before = info();
+    assert_eq!(before["snapshots"], 5);
+    store_cmd(&[
+        "retention",
+        "set",
+        "laptop",
+        "--store",
+        &store,
+        "--keep-hourly",
+        "1",
+    ]);
+    // All five fall in one hour: the newest stays. A dry run changes nothing.
+    let gc = |dry: bool| -> serde_json::Value {
+        let mut args = vec!["gc", "--store", &store, "--grace-hours", "0", "--json"];
+        if dry {
+            args.push("--dry-run");
+        }
+        serde_json::from_str(&store_cmd(&args)).unwrap()
+    };
+    let dry = gc(true);
+    assert_eq!(
+        dry["snapshots_forgotten"].as_array().unwrap().len(),
+        4,
+        "{dry}"
+    );
+    assert_eq!(info(), before);
+    let done = gc(false);
+    assert_eq!(
+        done["snapshots_forgotten"].as_array().unwrap().len(),
+        4,
+        "{done}"
+    );
+    // Four megabytes of chunks only the forgotten snapshots had, and their trees
+    // and manifests.
+    assert!(done["bytes_freed"].as_u64().unwrap() > 4 << 20, "{done}");
+    let after = info();
+    assert_eq!(after["snapshots"], 1, "{after}");
+    assert!(
+        after["used"].as_u64().unwrap() + (4 << 20) < before["used"].as_u64().unwrap(),
+        "{before} → {after}"
+    );
+    // What is kept is whole: it restores, verifies, and check finds nothing lost.
+    let target = rig.dir("target");
+    let out = rig.restore("latest", &target);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_same(&states[4].1, &describe(&restored(&target, &src)));
+    assert!(ok(rig.homing(&["verify", "--read-data"])).contains("0 problems"));
+    let check: serde_json::Value =
+        serde_json::from_str(&store_cmd(&["check", "--store", &store, "--json"])).unwrap();
+    assert_eq!(check["lost"], serde_json::json!([]), "{check}");
+    assert_eq!(check["damaged"], serde_json::json!([]), "{check}");
+
+    // The client still believes the store holds the first file's chunks: backing
+    // that content up again finds out, resets its caches and sends them.
+    fs::write(src.join("changing.bin"), bytes(100, 1 << 20, false)).unwrap();
+    let state = describe(&src);
+    let again = rig.backup(&[&src]);
+    assert!(
+        again["bytes_uploaded"].as_u64().unwrap() >= 1 << 20,
+        "{again}"
+    );
+    let target = rig.dir("target-again");
+    let out = rig.restore("latest", &target);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_same(&state, &describe(&restored(&target, &src)));
+}

@@ -26,6 +26,8 @@ fn homing_with_stdin(config: &Path, args: &[&str], stdin: &str) -> Output {
         .arg(config)
         .args(args)
         .env_remove("HOMING_CONFIG")
+        .env_remove("HOMING_STATE")
+        .env_remove("HOMING_PASSPHRASE_FILE")
         .env_remove("RUST_LOG")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

@@ -1,0 +1,480 @@
+//! The main job's figures: `cargo bench -p homing --bench backup`.
+//!
+//! Runs the real release binaries against a real store server on loopback, on
+//! generated trees, and prints what issue 4 asks for:
+//!
+//! - initial backup of a ~300 MB laptop-like tree (source text, documents,
+//!   incompressible media, a VM-image-like file): MB/s, CPU seconds per GB, peak
+//!   memory; against a baseline measured in the same run (reading every file and
+//!   hashing it with BLAKE3, the least any content-addressed backup must do);
+//! - rescan of the unchanged tree, and of an unchanged tree of 100k files;
+//! - bytes on the wire for (a) 100 bytes changed in the middle of a 200 MB file of
+//!   mixed content (median of 20 positions), (b) one new 1 KB file in 10k files
+//!   over 500 directories, (c) an hour of typical edits, against the compressed
+//!   size of what is genuinely new;
+//! - peak memory of an initial backup of 10k and of 200k small files.
+//!
+//! `HOMING_BENCH_QUICK=1` shrinks everything tenfold for a smoke run;
+//! `HOMING_BENCH_DIR` says where the trees go (default: the system's temporary
+//! directory; use a disk, not a RAM disk, for honest figures).
+
+use std::fs;
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use tokio::time::Instant;
+
+use serde_json::Value;
+
+struct Rig {
+    homing: PathBuf,
+    store_binary: PathBuf,
+    work: PathBuf,
+    config: PathBuf,
+    server: Child,
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+    }
+}
+
+fn run(binary: &Path, args: &[&str]) -> String {
+    let out = Command::new(binary)
+        .args(args)
+        .output()
+        .expect("the binary runs");
+    assert!(
+        out.status.success(),
+        "{} {args:?}: {}",
+        binary.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+impl Rig {
+    fn new(work: PathBuf) -> Self {
+        let homing = PathBuf::from(env!("CARGO_BIN_EXE_homing"));
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "--release", "--locked", "-p", "homing-store"])
+            .status()
+            .expect("cargo runs");
+        assert!(status.success(), "building homing-store failed");
+        let store_binary = homing.with_file_name("homing-store");
+        let store = work.join("store");
+        let s = store.to_str().expect("UTF-8");
+        run(&store_binary, &["init", s]);
+        run(&store_binary, &["account", "add", "bench", "--store", s]);
+        let prefix = work.join("bench");
+        let p = prefix.to_str().expect("UTF-8");
+        run(
+            &store_binary,
+            &["ca", "issue", "bench", "--store", s, "--out", p],
+        );
+        let mut server = Command::new(&store_binary)
+            .args(["serve", "--store", s, "--listen", "127.0.0.1:0"])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("the server starts");
+        let mut line = String::new();
+        BufReader::new(server.stdout.take().expect("piped"))
+            .read_line(&mut line)
+            .expect("the server says where it listens");
+        let address = line
+            .trim()
+            .strip_prefix("listening on ")
+            .expect("listening on ADDR")
+            .to_string();
+        let config = work.join("client");
+        let c = config.to_str().expect("UTF-8");
+        run(
+            &homing,
+            &[
+                "--config",
+                c,
+                "init",
+                "--store",
+                &address,
+                "--server-name",
+                "localhost",
+                "--ca",
+                &format!("{p}-ca.crt"),
+                "--cert",
+                &format!("{p}.crt"),
+                "--key",
+                &format!("{p}.key"),
+                "--no-passphrase",
+            ],
+        );
+        Self {
+            homing,
+            store_binary,
+            work,
+            config,
+            server,
+        }
+    }
+
+    /// Backs up `path` as set `set`; returns the summary.
+    fn backup(&self, set: &str, path: &Path) -> Value {
+        let out = run(
+            &self.homing,
+            &[
+                "--config",
+                self.config.to_str().expect("UTF-8"),
+                "backup",
+                "--json",
+                "--set",
+                set,
+                path.to_str().expect("UTF-8"),
+            ],
+        );
+        let all: Value = serde_json::from_str(&out).expect("a JSON summary");
+        all[0].clone()
+    }
+}
+
+/// Deterministic bytes: xorshift64.
+struct Gen(u64);
+
+impl Gen {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn random(&mut self, len: usize) -> Vec<u8> {
+        let mut out = Vec::with_capacity(len + 8);
+        while out.len() < len {
+            out.extend_from_slice(&self.next().to_le_bytes());
+        }
+        out.truncate(len);
+        out
+    }
+
+    /// Text like source code or prose: words from a vocabulary, lines, indents.
+    fn text(&mut self, len: usize) -> Vec<u8> {
+        const WORDS: &[&str] = &[
+            "fn", "let", "mut", "self", "return", "match", "impl", "struct", "the", "and",
+            "backup", "store", "link", "budget", "error", "result", "value", "index", "file",
+            "path", "chunk", "seal", "upload", "if", "else", "for", "in", "while", "Some", "None",
+            "Ok", "Err", "=", "+", "{", "}", "(", ")", ";", "//", "pub", "use",
+        ];
+        let mut out = Vec::with_capacity(len + 32);
+        let mut column = 0;
+        while out.len() < len {
+            let n = self.next();
+            let word = WORDS[(n % WORDS.len() as u64) as usize];
+            if column == 0 {
+                let indent = (n >> 8) % 4 * 4;
+                out.extend(std::iter::repeat_n(b' ', indent as usize));
+            }
+            out.extend_from_slice(word.as_bytes());
+            column += word.len() + 1;
+            // Identifiers with numbers make the text less repetitive.
+            if (n >> 16).is_multiple_of(5) {
+                out.extend_from_slice(format!("{}", (n >> 20) % 1000).as_bytes());
+            }
+            if column > 60 + ((n >> 24) % 30) as usize {
+                out.push(b'\n');
+                column = 0;
+            } else {
+                out.push(b' ');
+            }
+        }
+        out.truncate(len);
+        out
+    }
+
+    /// Mixed content: runs of text, random bytes and zeros, 64 KiB to 1 MiB each.
+    fn mixed(&mut self, len: usize) -> Vec<u8> {
+        let mut out = Vec::with_capacity(len);
+        while out.len() < len {
+            let n = self.next();
+            let run = (64 << 10) + (n % (960 << 10)) as usize;
+            let run = run.min(len - out.len());
+            match n % 3 {
+                0 => out.extend(self.text(run)),
+                1 => out.extend(self.random(run)),
+                _ => out.extend(std::iter::repeat_n(0_u8, run)),
+            }
+        }
+        out
+    }
+}
+
+fn write(path: &Path, data: &[u8]) {
+    if let Some(parent) = path.parent() {
+        fs::create_dir_all(parent).expect("a directory");
+    }
+    fs::write(path, data).expect("a file");
+}
+
+/// The ~300 MB laptop-like tree; returns its size.
+fn laptop(root: &Path, scale: usize, g: &mut Gen) -> u64 {
+    let mut total = 0_u64;
+    let mut put = |path: PathBuf, data: Vec<u8>| {
+        total += data.len() as u64;
+        write(&path, &data);
+    };
+    // Sources: 2 000 files of 2-30 KB text in 100 directories (~32 MB).
+    for n in 0..2000 / scale {
+        let len = 2000 + (g.next() % 28_000) as usize;
+        put(
+            root.join(format!("src/dir{:03}/file{n:04}.rs", n % 100)),
+            g.text(len),
+        );
+    }
+    // Documents: 150 of 50-500 KB, text with embedded random (images) (~40 MB).
+    for n in 0..150 / scale {
+        let len = 50_000 + (g.next() % 450_000) as usize;
+        let mut data = g.text(len / 2);
+        data.extend(g.random(len / 4));
+        data.extend(g.text(len / 4));
+        put(root.join(format!("docs/report{n:03}.odt")), data);
+    }
+    // Photos: 25 of 2-6 MB, incompressible (~100 MB).
+    for n in 0..25 / scale {
+        let len = (2 << 20) + (g.next() % (4 << 20)) as usize;
+        put(root.join(format!("photos/IMG_{n:04}.jpg")), g.random(len));
+    }
+    // Logs: 5 of 1 MB text.
+    for n in 0..5 {
+        put(
+            root.join(format!("logs/app{n}.log")),
+            g.text((1 << 20) / scale),
+        );
+    }
+    // A VM image: 128 MB of mixed runs.
+    put(root.join("vm/disk.img"), g.mixed((128 << 20) / scale));
+    total
+}
+
+/// `count` small files (100-2000 bytes) over `dirs` directories, two levels deep.
+fn many(root: &Path, count: usize, dirs: usize, g: &mut Gen) {
+    for n in 0..count {
+        let d = n % dirs;
+        let len = 100 + (g.next() % 1900) as usize;
+        let data = g.text(len);
+        write(
+            &root.join(format!("top{:02}/dir{d:04}/f{n:06}.txt", d % 20)),
+            &data,
+        );
+    }
+}
+
+/// Reads and BLAKE3-hashes every file below `root`: the baseline.
+fn read_and_hash(root: &Path) -> (f64, u64) {
+    let started = Instant::now();
+    let mut total = 0;
+    let mut stack = vec![root.to_path_buf()];
+    let mut buffer = vec![0_u8; 1 << 20];
+    while let Some(dir) = stack.pop() {
+        for entry in fs::read_dir(&dir).expect("a directory") {
+            let path = entry.expect("an entry").path();
+            if path.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            let mut file = fs::File::open(&path).expect("a file");
+            let mut hasher = blake3::Hasher::new();
+            loop {
+                let n = file.read(&mut buffer).expect("readable");
+                if n == 0 {
+                    break;
+                }
+                total += n as u64;
+                hasher.update(&buffer[..n]);
+            }
+            std::hint::black_box(hasher.finalize());
+        }
+    }
+    (started.elapsed().as_secs_f64(), total)
+}
+
+fn compressed(data: &[u8]) -> u64 {
+    zstd::bulk::compress(data, 3).expect("zstd").len() as u64
+}
+
+fn num(v: &Value, key: &str) -> f64 {
+    v[key].as_f64().unwrap_or_else(|| panic!("{key} in {v}"))
+}
+
+fn median(mut values: Vec<u64>) -> u64 {
+    values.sort_unstable();
+    values[values.len() / 2]
+}
+
+fn main() {
+    let quick = std::env::var_os("HOMING_BENCH_QUICK").is_some();
+    let scale = if quick { 10 } else { 1 };
+    let base = std::env::var_os("HOMING_BENCH_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
+    let dir = tempfile::tempdir_in(base).expect("a work directory");
+    let rig = Rig::new(dir.path().to_path_buf());
+    let mut g = Gen(0x2026_1127_0000_0001);
+    let mut report = serde_json::Map::new();
+
+    // Initial backup and rescan of the laptop tree.
+    let tree = rig.work.join("laptop");
+    let size = laptop(&tree, scale, &mut g);
+    let (hash_seconds, hashed) = read_and_hash(&tree);
+    assert_eq!(hashed, size);
+    let first = rig.backup("laptop", &tree);
+    let mb = size as f64 / 1e6;
+    let gb = size as f64 / 1e9;
+    let seconds = num(&first, "seconds");
+    println!("tree: {mb:.0} MB");
+    println!(
+        "initial backup: {:.1} s, {:.0} MB/s, {:.2} CPU-s/GB, peak RSS {:.1} MB; sent {:.1} MB",
+        seconds,
+        mb / seconds,
+        num(&first, "cpu_seconds") / gb,
+        num(&first, "peak_rss_bytes") / 1e6,
+        num(&first, "bytes_sent") / 1e6,
+    );
+    println!(
+        "  baseline (read + BLAKE3 every file, same run): {:.1} s, {:.0} MB/s; backup/baseline time {:.2}x",
+        hash_seconds,
+        mb / hash_seconds,
+        seconds / hash_seconds
+    );
+    let rescan = rig.backup("laptop", &tree);
+    println!(
+        "rescan, unchanged: {:.2} s, read {} bytes, sent {} bytes",
+        num(&rescan, "seconds"),
+        rescan["bytes_read"],
+        rescan["bytes_sent"]
+    );
+    report.insert("tree_mb".into(), mb.into());
+    report.insert("initial_mb_per_s".into(), (mb / seconds).into());
+    report.insert(
+        "initial_cpu_s_per_gb".into(),
+        (num(&first, "cpu_seconds") / gb).into(),
+    );
+    report.insert(
+        "initial_peak_rss_mb".into(),
+        (num(&first, "peak_rss_bytes") / 1e6).into(),
+    );
+    report.insert("baseline_mb_per_s".into(), (mb / hash_seconds).into());
+    report.insert("rescan_s".into(), num(&rescan, "seconds").into());
+
+    // (c) An hour of typical edits.
+    let mut new_information = 0;
+    for n in 0..5 {
+        let addition = g.text(20_000 / scale);
+        new_information += compressed(&addition);
+        let mut log = fs::OpenOptions::new()
+            .append(true)
+            .open(tree.join(format!("logs/app{n}.log")))
+            .expect("a log");
+        log.write_all(&addition).expect("appended");
+    }
+    let sources = 2000 / scale;
+    for k in 0..sources / 100 {
+        let n = (k * 97) % sources;
+        let path = tree.join(format!("src/dir{:03}/file{n:04}.rs", n % 100));
+        let mut data = fs::read(&path).expect("a source");
+        let at = data.len() / 2;
+        let line = g.text(60);
+        new_information += compressed(&line);
+        data.splice(at..at, line);
+        fs::write(&path, data).expect("edited");
+    }
+    for n in 0..2 {
+        let photo = g.random(3 << 20);
+        new_information += compressed(&photo);
+        write(&tree.join(format!("photos/new_{n}.jpg")), &photo);
+    }
+    fs::rename(tree.join("src/dir007"), tree.join("src/dir007-renamed")).expect("renamed");
+    let hour = rig.backup("laptop", &tree);
+    let sent = num(&hour, "bytes_sent") as u64;
+    println!(
+        "(c) an hour of edits: sent {sent} bytes for {new_information} bytes of new information (compressed): {:+.1} %",
+        (sent as f64 / new_information as f64 - 1.0) * 100.0
+    );
+    report.insert("c_sent".into(), sent.into());
+    report.insert("c_new_information".into(), new_information.into());
+
+    // (a) 100 bytes in the middle of a 200 MB file of mixed content.
+    let big_dir = rig.work.join("big");
+    let big = big_dir.join("mixed.bin");
+    let big_len = (200 << 20) / scale;
+    write(&big, &g.mixed(big_len));
+    rig.backup("big", &big_dir);
+    let mut sends = Vec::new();
+    for _ in 0..20 {
+        let at = big_len / 4 + (g.next() % (big_len as u64 / 2)) as usize;
+        let mut file = fs::OpenOptions::new()
+            .write(true)
+            .open(&big)
+            .expect("the big file");
+        file.seek(SeekFrom::Start(at as u64)).expect("seek");
+        file.write_all(&g.random(100)).expect("written");
+        drop(file);
+        let summary = rig.backup("big", &big_dir);
+        sends.push(num(&summary, "bytes_sent") as u64);
+    }
+    let a = median(sends.clone());
+    println!(
+        "(a) 100 bytes in a {} MB file: median {a} bytes sent ({:.1} KiB; min {}, max {})",
+        big_len >> 20,
+        a as f64 / 1024.0,
+        sends.iter().min().expect("20"),
+        sends.iter().max().expect("20"),
+    );
+    report.insert("a_median_sent".into(), a.into());
+
+    // (b) One new 1 KB file in 10k files over 500 directories.
+    let small = rig.work.join("tenk");
+    many(&small, 10_000 / scale, 500 / scale, &mut g);
+    let tenk = rig.backup("tenk", &small);
+    write(&small.join("top03/dir0123/new.txt"), &g.text(1000));
+    let b = rig.backup("tenk", &small);
+    let b_sent = num(&b, "bytes_sent") as u64;
+    println!(
+        "(b) one new 1 KB file in {} files: {b_sent} bytes sent ({:.1} KiB)",
+        10_000 / scale,
+        b_sent as f64 / 1024.0
+    );
+    report.insert("b_sent".into(), b_sent.into());
+
+    // Rescan of 100k unchanged files; peak memory for 10k vs 200k files.
+    let hundredk = rig.work.join("hundredk");
+    many(&hundredk, 100_000 / scale, 2000 / scale, &mut g);
+    rig.backup("hundredk", &hundredk);
+    let again = rig.backup("hundredk", &hundredk);
+    println!(
+        "rescan of {} unchanged files: {:.2} s (CPU {:.2} s)",
+        100_000 / scale,
+        num(&again, "seconds"),
+        num(&again, "cpu_seconds"),
+    );
+    report.insert("rescan_100k_s".into(), num(&again, "seconds").into());
+    fs::remove_dir_all(&hundredk).expect("cleaned");
+    let twohundredk = rig.work.join("twohundredk");
+    many(&twohundredk, 200_000 / scale, 4000 / scale, &mut g);
+    let large = rig.backup("twohundredk", &twohundredk);
+    let rss_10k = num(&tenk, "peak_rss_bytes");
+    let rss_200k = num(&large, "peak_rss_bytes");
+    println!(
+        "peak RSS, initial backup: {:.1} MB for {} files, {:.1} MB for {} files ({:.2}x)",
+        rss_10k / 1e6,
+        10_000 / scale,
+        rss_200k / 1e6,
+        200_000 / scale,
+        rss_200k / rss_10k
+    );
+    report.insert("rss_10k_mb".into(), (rss_10k / 1e6).into());
+    report.insert("rss_200k_mb".into(), (rss_200k / 1e6).into());
+    let _ = &rig.store_binary;
+    println!("{}", Value::Object(report));
+}

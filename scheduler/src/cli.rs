@@ -26,6 +26,8 @@ pub struct Cli {
 pub enum Command {
     /// Set up this client: store address and certificates, a new master key.
     Init(InitArgs),
+    /// Finish an air-gapped set-up: install the certificate the store's CA signed.
+    Enroll(EnrollArgs),
     /// Try Homing on this machine: a store server on loopback, a client, a first
     /// backup of PATH.
     Quickstart(QuickstartArgs),
@@ -122,14 +124,29 @@ pub struct InitArgs {
     #[arg(long, value_name = "NAME")]
     pub server_name: Option<String>,
     /// The store's CA certificate (from `homing-store ca issue`: PREFIX-ca.crt).
-    #[arg(long, value_name = "FILE")]
-    pub ca: PathBuf,
+    #[arg(long, value_name = "FILE", required_unless_present = "csr")]
+    pub ca: Option<PathBuf>,
     /// This client's certificate (PREFIX.crt).
-    #[arg(long, value_name = "FILE")]
-    pub cert: PathBuf,
+    #[arg(
+        long,
+        value_name = "FILE",
+        required_unless_present = "csr",
+        conflicts_with = "csr"
+    )]
+    pub cert: Option<PathBuf>,
     /// This client's private key (PREFIX.key).
-    #[arg(long, value_name = "FILE")]
-    pub key: PathBuf,
+    #[arg(
+        long,
+        value_name = "FILE",
+        required_unless_present = "csr",
+        conflicts_with = "csr"
+    )]
+    pub key: Option<PathBuf>,
+    /// Air-gapped set-up: make this client's key here and write a certificate
+    /// request to OUT for the store's CA to sign (`homing-store ca sign`); the key
+    /// never leaves this machine. Finish with `homing enroll`.
+    #[arg(long, value_name = "OUT")]
+    pub csr: Option<PathBuf>,
     /// Create a backup set `default` with these paths.
     #[arg(long = "backup", value_name = "PATH")]
     pub paths: Vec<PathBuf>,
@@ -231,4 +248,15 @@ pub struct VerifyArgs {
     /// Unlocking the key.
     #[command(flatten)]
     pub unlock: Unlock,
+}
+
+/// `homing enroll`
+#[derive(Debug, Args)]
+pub struct EnrollArgs {
+    /// The certificate the store's CA signed (PREFIX.crt from `homing-store ca sign`).
+    #[arg(long, value_name = "FILE")]
+    pub cert: PathBuf,
+    /// The store's CA certificate (PREFIX-ca.crt), unless `init` was given it.
+    #[arg(long, value_name = "FILE")]
+    pub ca: Option<PathBuf>,
 }

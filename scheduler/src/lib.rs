@@ -48,6 +48,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let paths = paths::Paths::resolve(cli.config.as_deref())?;
     match cli.command {
         Command::Init(args) => setup::init(&paths, args),
+        Command::Enroll(args) => setup::enroll(&paths, &args),
         Command::Quickstart(args) => setup::quickstart(&paths, &args),
         Command::Backup(args) => commands::backup(&paths, &args),
         Command::Snapshots(args) => commands::snapshots(&paths, &args),
@@ -61,10 +62,6 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 /// Commands that later issues implement.
 const PLANNED: &[(&str, &str)] = &[
-    (
-        "enroll",
-        "finish an air-gapped set-up with a signed certificate",
-    ),
     (
         "daemon",
         "run the scheduler, network watcher and release loop",

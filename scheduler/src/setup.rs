@@ -7,8 +7,12 @@ use std::process::{Command, ExitCode, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
 
-use crate::cli::{BackupArgs, InitArgs, KeyCommand, NewPassphrase, QuickstartArgs, Unlock};
+use crate::cli::{
+    BackupArgs, EnrollArgs, InitArgs, KeyCommand, NewPassphrase, QuickstartArgs, Unlock,
+};
 use crate::config::{BackupSet, Config, FILE_NAME, Priority, SpoolConfig, StoreConfig};
 use crate::paths::Paths;
 use crate::{commands, key};
@@ -33,11 +37,23 @@ pub fn init(paths: &Paths, args: InitArgs) -> anyhow::Result<ExitCode> {
         None => host_of(&args.store)?,
     };
     create_private_dir(&paths.config)?;
-    let ca = copy_credential(&args.ca, &paths.config, "store-ca.crt", 0o644)?;
-    let certificate = copy_credential(&args.cert, &paths.config, "client.crt", 0o644)?;
-    let key_file = copy_credential(&args.key, &paths.config, "client.key", 0o600)?;
-    // The credentials must make a TLS configuration before anything else is done.
-    homing_transfer::client::tls_config(&ca, &certificate, &key_file)?;
+    let request = match (&args.csr, &args.cert, &args.key, &args.ca) {
+        (Some(out), _, _, ca) => {
+            if let Some(ca) = ca {
+                copy_credential(ca, &paths.config, "store-ca.crt", 0o644)?;
+            }
+            Some(make_request(&paths.config, out)?)
+        }
+        (None, Some(cert), Some(key), Some(ca)) => {
+            let ca = copy_credential(ca, &paths.config, "store-ca.crt", 0o644)?;
+            let certificate = copy_credential(cert, &paths.config, "client.crt", 0o644)?;
+            let key_file = copy_credential(key, &paths.config, "client.key", 0o600)?;
+            // The credentials must make a TLS configuration before anything else.
+            homing_transfer::client::tls_config(&ca, &certificate, &key_file)?;
+            None
+        }
+        _ => bail!("give --ca, --cert and --key, or --csr OUT for an air-gapped set-up"),
+    };
     let mut sets = Vec::new();
     if !args.paths.is_empty() {
         let mut absolute = Vec::new();
@@ -79,11 +95,108 @@ pub fn init(paths: &Paths, args: InitArgs) -> anyhow::Result<ExitCode> {
         );
     }
     config.save(&paths.config)?;
+    match request {
+        Some(out) => println!(
+            "\nWrote {}. Store: {}.\nThis client's key stays in {}. Take the request {} to \
+             the store and sign it there:\n  homing-store ca sign {} --account NAME --store DIR \
+             --out PREFIX\nthen bring back PREFIX.crt and PREFIX-ca.crt and run:\n  homing \
+             enroll --cert PREFIX.crt --ca PREFIX-ca.crt",
+            config_file.display(),
+            args.store,
+            paths.config.join("client.key").display(),
+            out.display(),
+            out.file_name().map_or_else(
+                || out.display().to_string(),
+                |n| n.to_string_lossy().into_owned()
+            ),
+        ),
+        None => println!(
+            "\nWrote {}. Store: {}.\nNext: `homing backup PATH` (or add [[set]] sections to \
+             the configuration and run `homing backup`).",
+            config_file.display(),
+            args.store
+        ),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Makes this client's key (in the configuration directory, mode 0600) and writes
+/// a certificate request for it to `out`.
+fn make_request(dir: &Path, out: &Path) -> anyhow::Result<PathBuf> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt;
+    let key = rcgen::KeyPair::generate().context("cannot make a key")?;
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new())
+        .context("cannot make a certificate request")?;
+    // The CA ignores the subject (the account is the operator's word); this only
+    // helps a person tell requests apart.
+    let host = nix::unistd::gethostname()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    params.distinguished_name.push(
+        rcgen::DnType::CommonName,
+        format!("homing client on {host}"),
+    );
+    let request = params
+        .serialize_request(&key)
+        .and_then(|r| r.pem())
+        .context("cannot make a certificate request")?;
+    let key_path = dir.join("client.key");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&key_path)
+        .with_context(|| format!("cannot create {} (does it exist?)", key_path.display()))?;
+    file.write_all(key.serialize_pem().as_bytes())
+        .with_context(|| format!("cannot write {}", key_path.display()))?;
+    std::fs::write(out, request).with_context(|| format!("cannot write {}", out.display()))?;
+    Ok(out.to_path_buf())
+}
+
+/// `homing enroll`: installs the certificate the CA signed for this client's key
+/// (and the CA's certificate), after checking that they belong together.
+///
+/// # Errors
+/// No configuration, a certificate for another key, unreadable files.
+pub fn enroll(paths: &Paths, args: &EnrollArgs) -> anyhow::Result<ExitCode> {
+    let config = Config::load(&paths.config)?;
+    let key_pem = std::fs::read_to_string(&config.store.key).with_context(|| {
+        format!(
+            "cannot read this client's key {}: was `homing init --csr` run here?",
+            config.store.key.display()
+        )
+    })?;
+    let key = rcgen::KeyPair::from_pem(&key_pem)
+        .with_context(|| format!("{} is not a private key", config.store.key.display()))?;
+    let cert_pem = std::fs::read_to_string(&args.cert)
+        .with_context(|| format!("cannot read {}", args.cert.display()))?;
+    let der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
+        .map_err(|e| anyhow::anyhow!("{}: not a PEM certificate: {e}", args.cert.display()))?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(der.as_ref())
+        .map_err(|e| anyhow::anyhow!("{}: not a certificate: {e}", args.cert.display()))?;
+    if parsed.public_key().raw != rcgen::PublicKeyData::subject_public_key_info(&key).as_slice() {
+        bail!(
+            "{} is not for this client's key ({}): was the request signed from another \
+             machine's `homing init --csr`? Nothing was changed.",
+            args.cert.display(),
+            config.store.key.display()
+        );
+    }
+    if let Some(ca) = &args.ca {
+        copy_credential(ca, &paths.config, "store-ca.crt", 0o644)?;
+    }
+    if !config.store.ca.exists() {
+        bail!(
+            "the store's CA certificate is missing ({}): pass --ca PREFIX-ca.crt",
+            config.store.ca.display()
+        );
+    }
+    let certificate = copy_credential(&args.cert, &paths.config, "client.crt", 0o644)?;
+    homing_transfer::client::tls_config(&config.store.ca, &certificate, &config.store.key)?;
     println!(
-        "\nWrote {}. Store: {}.\nNext: `homing backup PATH` (or add [[set]] sections to the \
-         configuration and run `homing backup`).",
-        config_file.display(),
-        args.store
+        "Enrolled: {} holds this client's certificate. Next: `homing backup PATH`.",
+        certificate.display()
     );
     Ok(ExitCode::SUCCESS)
 }
@@ -185,9 +298,10 @@ pub fn quickstart(paths: &Paths, args: &QuickstartArgs) -> anyhow::Result<ExitCo
             InitArgs {
                 store: address.clone(),
                 server_name: Some("localhost".into()),
-                ca: with("-ca.crt"),
-                cert: with(".crt"),
-                key: with(".key"),
+                ca: Some(with("-ca.crt")),
+                cert: Some(with(".crt")),
+                key: Some(with(".key")),
+                csr: None,
                 paths: Vec::new(),
                 passphrase: NewPassphrase {
                     passphrase_file: None,

@@ -424,6 +424,22 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
 
 fn serve(dir: &Path, listen: std::net::SocketAddr) -> anyhow::Result<()> {
     let store = open_store(dir)?;
+    // One server per store: two would append to the same segment, each believing
+    // it knows where the segment ends. The lock goes when the process does.
+    let lock_path = dir.join("serve.lock");
+    let lock_file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .with_context(|| format!("cannot open {}", lock_path.display()))?;
+    let _lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .map_err(|(_, errno)| {
+            anyhow::anyhow!(
+                "another `homing-store serve` runs on {} ({errno}); stop it first",
+                dir.display()
+            )
+        })?;
     let server = std::sync::Arc::new(homing_store::server::Server::new(dir, store)?);
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async move {

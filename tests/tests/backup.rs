@@ -932,3 +932,93 @@ fn retention_and_garbage_collection_free_what_no_kept_snapshot_needs() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert_same(&state, &describe(&restored(&target, &src)));
 }
+
+#[test]
+fn an_air_gapped_client_keeps_its_key_and_enrolls_with_a_signed_certificate() {
+    let mut rig = Rig::new("0");
+    let address = rig.start();
+    let laptop = rig.home.path().join("laptop2");
+    let request = rig.home.path().join("laptop2.csr");
+    let init = homing(
+        &laptop,
+        &[
+            "init",
+            "--store",
+            &address,
+            "--server-name",
+            "localhost",
+            "--csr",
+            request.to_str().unwrap(),
+            "--no-passphrase",
+        ],
+    );
+    let said = ok(init);
+    assert!(said.contains("homing-store ca sign"), "{said}");
+    let key = fs::read_to_string(laptop.join("client.key")).unwrap();
+    assert!(key.contains("PRIVATE KEY"));
+    assert_eq!(
+        fs::metadata(laptop.join("client.key")).unwrap().mode() & 0o777,
+        0o600
+    );
+    // A backup before enrolment says what is missing.
+    let early = homing(&laptop, &["backup", rig.home.path().to_str().unwrap()]);
+    assert!(!early.status.success());
+
+    let store = rig.store.to_str().unwrap();
+    store_cmd(&["account", "add", "second", "--store", store]);
+    let prefix = rig.home.path().join("signed");
+    store_cmd(&[
+        "ca",
+        "sign",
+        request.to_str().unwrap(),
+        "--account",
+        "second",
+        "--store",
+        store,
+        "--out",
+        prefix.to_str().unwrap(),
+    ]);
+    // The request's key is this laptop's; the other laptop's certificate is not.
+    let foreign = homing(
+        &laptop,
+        &[
+            "enroll",
+            "--cert",
+            rig.home.path().join("laptop.crt").to_str().unwrap(),
+            "--ca",
+            rig.home.path().join("laptop-ca.crt").to_str().unwrap(),
+        ],
+    );
+    assert!(!foreign.status.success());
+    assert!(
+        stderr(&foreign).contains("not for this client's key"),
+        "{}",
+        stderr(&foreign)
+    );
+    let enrolled = homing(
+        &laptop,
+        &[
+            "enroll",
+            "--cert",
+            &format!("{}.crt", prefix.display()),
+            "--ca",
+            &format!("{}-ca.crt", prefix.display()),
+        ],
+    );
+    ok(enrolled);
+    // The key never left: what the CA returned holds no private key.
+    assert!(
+        !fs::read_to_string(format!("{}.crt", prefix.display()))
+            .unwrap()
+            .contains("PRIVATE KEY")
+    );
+    let src = rig.dir("src2");
+    fs::write(src.join("a"), "air-gapped\n").unwrap();
+    let out = homing(&laptop, &["backup", "--json", src.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let info: serde_json::Value = serde_json::from_str(&store_cmd(&[
+        "account", "info", "second", "--store", store, "--json",
+    ]))
+    .unwrap();
+    assert_eq!(info["snapshots"], 1, "{info}");
+}

@@ -855,3 +855,21 @@ fn authorisation_matrix() {
         }
     });
 }
+
+#[test]
+fn a_second_server_on_the_same_store_refuses_to_start() {
+    let store = Store::new();
+    let _first = store.start();
+    let second = std::process::Command::new(homing_e2e::binary("homing-store"))
+        .args(["serve", "--store"])
+        .arg(&store.dir)
+        .args(["--listen", "127.0.0.1:0"])
+        .output()
+        .expect("homing-store runs");
+    assert!(!second.status.success());
+    let message = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        message.contains("another `homing-store serve` runs"),
+        "{message}"
+    );
+}

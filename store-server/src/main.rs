@@ -57,6 +57,10 @@ enum Command {
         /// Address to listen on; port 0 picks a free port (printed on start).
         #[arg(long, default_value = "0.0.0.0:7473")]
         listen: std::net::SocketAddr,
+        /// Hours an object no kept snapshot needs waits before the hourly garbage
+        /// collection deletes it: longer than the slowest laptop's upload takes.
+        #[arg(long, default_value_t = 168)]
+        gc_grace_hours: u64,
     },
     /// Retention policies: which snapshots an account keeps.
     #[command(subcommand)]
@@ -68,7 +72,7 @@ enum Command {
         store: StoreArg,
         /// Delete an unneeded object only when it was found unneeded this many
         /// hours before (an upload whose commit is on its way stays); 0 at once.
-        #[arg(long, default_value_t = 24)]
+        #[arg(long, default_value_t = 168)]
         grace_hours: u64,
         /// Say what would be deleted; change nothing.
         #[arg(long)]
@@ -310,7 +314,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 }
                 if report.unreferenced_bytes > 0 {
                     println!(
-                        "{} bytes in segments belong to no object (left by an interrupted write)",
+                        "{} bytes in segments belong to no object (interrupted writes, and objects garbage collection deleted from segments that still hold others: compaction is not built yet)",
                         report.unreferenced_bytes
                     );
                 }
@@ -325,7 +329,11 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::FAILURE);
             }
         }
-        Command::Serve { store, listen } => serve(&store.dir, listen)?,
+        Command::Serve {
+            store,
+            listen,
+            gc_grace_hours,
+        } => serve(&store.dir, listen, gc_grace_hours.saturating_mul(3600))?,
         Command::Retention(RetentionCommand::Set {
             account,
             store,
@@ -422,7 +430,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn serve(dir: &Path, listen: std::net::SocketAddr) -> anyhow::Result<()> {
+fn serve(dir: &Path, listen: std::net::SocketAddr, gc_grace: u64) -> anyhow::Result<()> {
     let store = open_store(dir)?;
     // One server per store: two would append to the same segment, each believing
     // it knows where the segment ends. The lock goes when the process does.
@@ -440,7 +448,8 @@ fn serve(dir: &Path, listen: std::net::SocketAddr) -> anyhow::Result<()> {
                 dir.display()
             )
         })?;
-    let server = std::sync::Arc::new(homing_store::server::Server::new(dir, store)?);
+    let server =
+        std::sync::Arc::new(homing_store::server::Server::new(dir, store)?.with_gc_grace(gc_grace));
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(listen)

@@ -575,7 +575,25 @@ impl<B: Backend> ObjectStore<B> {
         }
         let live = txn.open_table(LIVE).map_err(index)?;
         let objects = txn.open_table(OBJECTS).map_err(index)?;
-        let mut lost = Vec::new();
+        let mut lost: BTreeMap<(String, ObjectId), BTreeSet<u64>> = BTreeMap::new();
+        // A kept snapshot's manifest is needed as much as what it references.
+        for item in snapshots.iter().map_err(index)? {
+            let (k, v) = item.map_err(index)?;
+            let k = k.value();
+            let (account, sequence) = k.split_at(k.len() - 8);
+            let account = String::from_utf8_lossy(&account[..account.len() - 1]).into_owned();
+            let sequence = u64::from_be_bytes(sequence.try_into().expect("8 bytes"));
+            let manifest = ObjectId::from_bytes(v.value()[..32].try_into().expect("32 bytes"));
+            let held = objects
+                .get(key(&account, &manifest).as_slice())
+                .map_err(index)?
+                .is_some();
+            if !held || damaged.contains(&(account.as_str(), manifest)) {
+                lost.entry((account, manifest))
+                    .or_default()
+                    .insert(sequence);
+            }
+        }
         for item in live.iter().map_err(index)? {
             let (k, v) = item.map_err(index)?;
             let (account, id) = split_key(k.value());
@@ -592,14 +610,17 @@ impl<B: Backend> ObjectStore<B> {
             }
             let held = objects.get(k.value()).map_err(index)?.is_some();
             if !held || damaged.contains(&(account.as_str(), id)) {
-                lost.push(Lost {
-                    account,
-                    id,
-                    snapshots: needed,
-                });
+                lost.entry((account, id)).or_default().extend(needed);
             }
         }
-        Ok(lost)
+        Ok(lost
+            .into_iter()
+            .map(|((account, id), snapshots)| Lost {
+                account,
+                id,
+                snapshots: snapshots.into_iter().collect(),
+            })
+            .collect())
     }
 
     /// Sets an account's retention policy (zeros: keep every snapshot).
@@ -712,6 +733,9 @@ impl<B: Backend> ObjectStore<B> {
         // Spans that no kept snapshot falls in are dropped (and their charge given
         // back); an id left without spans is needed by no snapshot.
         let mut span_credit: HashMap<String, u64> = HashMap::new();
+        // Ids whose spans all go (a dry run does not write the pruning, so it
+        // consults this instead).
+        let mut emptied: HashSet<Vec<u8>> = HashSet::new();
         {
             let mut live = txn.open_table(LIVE).map_err(index)?;
             let mut changes: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
@@ -731,6 +755,9 @@ impl<B: Backend> ObjectStore<B> {
                     }
                 }
                 if pruned.len() != spans.len() {
+                    if pruned.is_empty() {
+                        emptied.insert(k.value().to_vec());
+                    }
                     let dropped = ((spans.len() - pruned.len()) / 16) as u64;
                     *span_credit.entry(account).or_default() += dropped * REFERENCE_COST;
                     changes.push((k.value().to_vec(), pruned));
@@ -758,10 +785,11 @@ impl<B: Backend> ObjectStore<B> {
                 let k = k.value();
                 let record = decode_record(v.value());
                 let (account, id) = split_key(k);
-                let needed = live
-                    .get(k)
-                    .map_err(index)?
-                    .is_some_and(|spans| !spans.value().is_empty())
+                let needed = (!emptied.contains(k)
+                    && live
+                        .get(k)
+                        .map_err(index)?
+                        .is_some_and(|spans| !spans.value().is_empty()))
                     || kept
                         .get(&account)
                         .is_some_and(|(_, manifests)| manifests.contains(&id));
@@ -828,15 +856,34 @@ impl<B: Backend> ObjectStore<B> {
             }
         }
         txn.commit().map_err(index)?;
-        // Segments without a needed object go, but never the newest: it is the
-        // one being appended to (by this process or the server).
+        // Segments without an object go, but never the newest: it is the one
+        // being appended to. A server in another process may have stored objects
+        // since the scan above; it writes only to the newest segment and indexes
+        // what it wrote before it moves on to a new one, so an index read now,
+        // after the listing, names every object of every older segment.
         let segments = self.backend.list()?;
         let newest = segments.last().map(|(segment, _)| *segment);
-        for (segment, len) in segments {
-            if Some(segment) != newest && !live_bytes.contains_key(&segment) {
-                self.backend.delete(segment)?;
-                report.segments_deleted += 1;
-                report.segment_bytes_freed += len;
+        let candidates: Vec<(u64, u64)> = segments
+            .into_iter()
+            .filter(|(segment, _)| Some(*segment) != newest && !live_bytes.contains_key(segment))
+            .collect();
+        if !candidates.is_empty() {
+            let mut used = BTreeSet::new();
+            let txn = self.db.begin_read().map_err(index)?;
+            for item in txn
+                .open_table(OBJECTS)
+                .map_err(index)?
+                .iter()
+                .map_err(index)?
+            {
+                used.insert(decode_record(item.map_err(index)?.1.value()).segment);
+            }
+            for (segment, len) in candidates {
+                if !used.contains(&segment) {
+                    self.backend.delete(segment)?;
+                    report.segments_deleted += 1;
+                    report.segment_bytes_freed += len;
+                }
             }
         }
         Ok(report)

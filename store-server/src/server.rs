@@ -46,9 +46,10 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 /// How often the server applies retention and collects garbage.
 const GC_INTERVAL: Duration = Duration::from_secs(3600);
-/// How long an unneeded object waits before it is deleted (an upload whose commit
-/// is on its way is not taken from under it).
-const GC_GRACE: u64 = 24 * 3600;
+/// How long an unneeded object waits before it is deleted by default: an upload
+/// whose commit is on its way is not taken from under it, and an initial backup
+/// over a thin link can take days.
+pub const DEFAULT_GC_GRACE: u64 = 7 * 24 * 3600;
 /// How long an upload in progress may lie untouched before it is dropped.
 const PARTIAL_MAX_AGE: u64 = 7 * 24 * 3600;
 
@@ -93,6 +94,8 @@ pub struct Server<B> {
     ticketer: Arc<dyn rustls::server::ProducesTickets>,
     tls: RwLock<TlsState>,
     crl_changed: Mutex<Option<SystemTime>>,
+    /// Seconds an unneeded object waits before the hourly collection deletes it.
+    gc_grace: u64,
 }
 
 struct TlsState {
@@ -117,7 +120,16 @@ impl<B: Backend + 'static> Server<B> {
             ticketer,
             tls: RwLock::new(state),
             crl_changed: Mutex::new(crl_stamp(dir)),
+            gc_grace: DEFAULT_GC_GRACE,
         })
+    }
+
+    /// Sets how long an unneeded object waits before the hourly collection
+    /// deletes it (default [`DEFAULT_GC_GRACE`]).
+    #[must_use]
+    pub fn with_gc_grace(mut self, seconds: u64) -> Self {
+        self.gc_grace = seconds;
+        self
     }
 
     /// Serves connections from `listener` until `shutdown` completes; then stops
@@ -178,7 +190,7 @@ impl<B: Backend + 'static> Server<B> {
             let server = Arc::clone(&self);
             let done = tokio::task::spawn_blocking(move || {
                 let now = unix_now();
-                let report = server.store.collect_garbage(now, GC_GRACE, false)?;
+                let report = server.store.collect_garbage(now, server.gc_grace, false)?;
                 let expired = server.store.expire_partials(now, PARTIAL_MAX_AGE)?;
                 Ok::<_, StoreError>((report, expired))
             })

@@ -833,6 +833,13 @@ fn garbage_waits_out_its_grace_period_and_uploads_in_flight_survive() {
         )
         .unwrap();
     let used = store.account("alice").unwrap().used;
+    // A dry run with no grace says what a real one would delete, and changes
+    // nothing: snapshot 1 with its manifest 160 and 161, and 163, not committed.
+    let dry = store.collect_garbage(10_000, 0, true).unwrap();
+    assert_eq!(dry.snapshots_forgotten, vec![("alice".to_string(), 1)]);
+    assert_eq!(dry.objects_deleted, 3, "{dry:?}");
+    assert_eq!(store.account("alice").unwrap().used, used);
+    assert_eq!(store.snapshots("alice", 0, 10).unwrap().entries.len(), 2);
     // First pass: snapshot 1 is forgotten; 160 (its manifest), 161 and 163 are
     // unneeded and start their grace period.
     let first = store.collect_garbage(10_000, 3600, false).unwrap();

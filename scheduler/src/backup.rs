@@ -43,11 +43,11 @@ use serde::Serialize;
 
 use crate::config::BackupSet;
 use crate::remote::{self, Remote};
-use crate::state::{self, IndexEntry, KNOWN, REFS, SPOOL};
+use crate::state::{self, IndexEntry, KNOWN, SPOOL, SetHead};
 
 use crate::tree::{
-    Content, Entry, INLINE_IDS, Kind, Manifest, ManifestSummary, encode_list, encode_tree,
-    split_ids,
+    Content, Entry, INLINE_IDS, Kind, Manifest, ManifestSummary, OtherSet, encode_list,
+    encode_tree, split_ids,
 };
 
 /// Files at least this large are sealed by the parallel pipeline.
@@ -251,6 +251,8 @@ pub fn backup(run: Run<'_>, set: &BackupSet) -> anyhow::Result<Summary> {
         .with_context(|| format!("backup set `{}`: excludes", set.name))?;
 
     let parent = remote::checked_head(run.remote, run.keys, run.db)?;
+    // The connection's counters run across sets: this set's share is the difference.
+    let (sent_before, received_before) = run.remote.traffic();
     let mut scan = Scan::new(run, set, excludes)?;
     // What an interrupted run left in the spool goes first.
     scan.upload_spool()?;
@@ -261,6 +263,21 @@ pub fn backup(run: Run<'_>, set: &BackupSet) -> anyhow::Result<Summary> {
     scan.upload_spool()?;
 
     let mut summary = scan.summary;
+    // The other sets ride along as last committed (their references with them).
+    let sets = state::set_heads(scan.run.db)?;
+    let mut others = std::collections::BTreeMap::new();
+    for (name, head) in sets.iter().filter(|(name, _)| **name != set.name) {
+        let root = ObjectId::from_hex(&head.root)
+            .with_context(|| format!("the state's record of set `{name}` is damaged"))?;
+        others.insert(
+            name.clone(),
+            OtherSet {
+                root,
+                time: head.time,
+                paths: head.paths.clone(),
+            },
+        );
+    }
     let manifest = Manifest {
         version: 1,
         set: set.name.clone(),
@@ -275,6 +292,7 @@ pub fn backup(run: Run<'_>, set: &BackupSet) -> anyhow::Result<Summary> {
             dirs: summary.dirs,
             bytes: summary.bytes_in_snapshot,
         },
+        others,
     };
     let sealed = scan
         .sealer
@@ -283,7 +301,17 @@ pub fn backup(run: Run<'_>, set: &BackupSet) -> anyhow::Result<Summary> {
     let committed = commit(
         scan.run.remote,
         scan.run.db,
-        scan.building,
+        &Committing {
+            set: &set.name,
+            building: scan.building,
+            sets: &sets,
+            head: SetHead {
+                root: root.to_string(),
+                time,
+                paths: manifest.paths.clone(),
+                table: scan.building,
+            },
+        },
         &sealed,
         manifest.previous,
     );
@@ -306,8 +334,8 @@ pub fn backup(run: Run<'_>, set: &BackupSet) -> anyhow::Result<Summary> {
     };
     state::set_known_head(scan.run.db, &head, manifest.sequence)?;
     let (sent, received) = scan.run.remote.traffic();
-    summary.bytes_sent = sent;
-    summary.bytes_received = received;
+    summary.bytes_sent = sent - sent_before;
+    summary.bytes_received = received - received_before;
     summary.snapshot = Some(head.to_string());
     summary.sequence = manifest.sequence;
     summary.seconds = started.elapsed().as_secs_f64();
@@ -316,57 +344,95 @@ pub fn backup(run: Run<'_>, set: &BackupSet) -> anyhow::Result<Summary> {
     Ok(summary)
 }
 
-/// Commits the snapshot. When this client's last commit is the store's head, only
-/// the difference of the references travels (a delta); otherwise all of them.
+/// What a commit needs to know of the sets.
+struct Committing<'a> {
+    /// The set backed up.
+    set: &'a str,
+    /// Its reference table that holds this snapshot's references of it.
+    building: u8,
+    /// What this client last committed of every set (before this one).
+    sets: &'a std::collections::BTreeMap<String, SetHead>,
+    /// What to record for the set once committed.
+    head: SetHead,
+}
+
+/// Commits the snapshot. The snapshot references the set's fresh tree and the
+/// other sets' last committed ones. When this client's last commit is the
+/// store's head, the sets' reference tables add up to the parent's references and
+/// only the difference travels: ids of this set that are new to every table,
+/// and ids this set dropped that no other set needs. Otherwise every id goes
+/// (those two sets shared are named twice, which the store takes as once).
 fn commit(
     remote: &mut Remote,
     db: &Database,
-    building: usize,
+    committing: &Committing<'_>,
     manifest: &SealedObject,
     parent: Option<ObjectId>,
 ) -> anyhow::Result<(ObjectId, u64)> {
-    let head_refs = state::refs_head(db)?
-        .filter(|(table, id)| *table != building && Some(*id) == parent)
-        .map(|(table, _)| table);
+    let delta = parent.is_some() && state::refs_head(db)? == parent;
     let txn = db.begin_read()?;
-    let new = txn.open_table(REFS[building])?;
-    let old = txn.open_table(REFS[1 - building])?;
-    let mut failed = None;
-    let mut failed_removed = None;
-    let result = {
-        match head_refs {
-            Some(_) => {
-                let added = Difference::new(&new, &old, &mut failed)?;
-                let removed = Difference::new(&old, &new, &mut failed_removed)?;
-                remote.run(async |c| {
-                    c.commit(manifest.id, parent, &manifest.bytes, true, added, removed)
-                        .await
-                })
-            }
-            None => {
-                let all = Difference::all(&new, &mut failed)?;
-                remote.run(async |c| {
-                    c.commit(
-                        manifest.id,
-                        parent,
-                        &manifest.bytes,
-                        false,
-                        all,
-                        std::iter::empty(),
-                    )
-                    .await
-                })
-            }
+    let new_name = state::refs_table_name(committing.set, committing.building);
+    let new = txn.open_table(state::refs_table(&new_name))?;
+    let old = match committing.sets.get(committing.set) {
+        Some(head) => {
+            let name = state::refs_table_name(committing.set, head.table);
+            Some(txn.open_table(state::refs_table(&name))?)
         }
+        None => None,
     };
-    if let Some(error) = failed.or(failed_removed) {
+    let mut others = Vec::new();
+    for (name, head) in committing.sets {
+        if name != committing.set {
+            let table = state::refs_table_name(name, head.table);
+            others.push(txn.open_table(state::refs_table(&table))?);
+        }
+    }
+    let needed_elsewhere = |id: &ObjectId| -> bool {
+        others
+            .iter()
+            .any(|table| table.get(id.as_bytes()).is_ok_and(|v| v.is_some()))
+    };
+    let failed = std::cell::RefCell::new(None);
+    let result = if delta {
+        let added =
+            Difference::new(&new, old.as_ref(), &failed)?.filter(|id| !needed_elsewhere(id));
+        let removed: Box<dyn Iterator<Item = ObjectId>> = match &old {
+            Some(old) => Box::new(
+                Difference::new(old, Some(&new), &failed)?.filter(|id| !needed_elsewhere(id)),
+            ),
+            None => Box::new(std::iter::empty()),
+        };
+        remote.run(async |c| {
+            c.commit(manifest.id, parent, &manifest.bytes, true, added, removed)
+                .await
+        })
+    } else {
+        let mut all: Box<dyn Iterator<Item = ObjectId>> =
+            Box::new(Difference::new(&new, None, &failed)?);
+        for table in &others {
+            all = Box::new(all.chain(Difference::new(table, None, &failed)?));
+        }
+        remote.run(async |c| {
+            c.commit(
+                manifest.id,
+                parent,
+                &manifest.bytes,
+                false,
+                all,
+                std::iter::empty(),
+            )
+            .await
+        })
+    };
+    if let Some(error) = failed.into_inner() {
         return Err(error).context("cannot read the snapshot's references");
     }
-    drop((new, old, txn));
+    drop((new, old, others, txn));
     match result {
         Ok(head) => {
             let txn = db.begin_write()?;
-            state::set_refs_head(&txn, Some((building, &head.0)))?;
+            state::set_set_head(&txn, committing.set, &committing.head)?;
+            state::set_refs_head(&txn, Some(&head.0))?;
             txn.commit()?;
             Ok(head)
         }
@@ -384,29 +450,22 @@ fn commit(
 struct Difference<'t> {
     left: redb::Range<'t, &'static [u8; 32], ()>,
     right: Option<std::iter::Peekable<redb::Range<'t, &'static [u8; 32], ()>>>,
-    failed: &'t mut Option<redb::StorageError>,
+    failed: &'t std::cell::RefCell<Option<redb::StorageError>>,
 }
 
 impl<'t> Difference<'t> {
+    /// The ids of `left` that `right` lacks (all of them without `right`).
     fn new(
         left: &'t redb::ReadOnlyTable<&'static [u8; 32], ()>,
-        right: &'t redb::ReadOnlyTable<&'static [u8; 32], ()>,
-        failed: &'t mut Option<redb::StorageError>,
+        right: Option<&'t redb::ReadOnlyTable<&'static [u8; 32], ()>>,
+        failed: &'t std::cell::RefCell<Option<redb::StorageError>>,
     ) -> anyhow::Result<Self> {
         Ok(Self {
             left: left.iter()?,
-            right: Some(right.iter()?.peekable()),
-            failed,
-        })
-    }
-
-    fn all(
-        table: &'t redb::ReadOnlyTable<&'static [u8; 32], ()>,
-        failed: &'t mut Option<redb::StorageError>,
-    ) -> anyhow::Result<Self> {
-        Ok(Self {
-            left: table.iter()?,
-            right: None,
+            right: match right {
+                Some(right) => Some(right.iter()?.peekable()),
+                None => None,
+            },
             failed,
         })
     }
@@ -420,7 +479,7 @@ impl Iterator for Difference<'_> {
             let id = match self.left.next()? {
                 Ok((id, _)) => *id.value(),
                 Err(error) => {
-                    *self.failed = Some(error);
+                    *self.failed.borrow_mut() = Some(error);
                     return None;
                 }
             };
@@ -436,7 +495,7 @@ impl Iterator for Difference<'_> {
                     Some(Ok((other, _))) if *other.value() == id => break,
                     Some(Err(_)) => {
                         if let Some(Err(error)) = right.next() {
-                            *self.failed = Some(error);
+                            *self.failed.borrow_mut() = Some(error);
                         }
                         return None;
                     }
@@ -497,8 +556,10 @@ struct Scan<'a> {
     excludes: Gitignore,
     sealer: Sealer<'a>,
     index_name: String,
-    /// Which of [`REFS`] collects this snapshot's references.
-    building: usize,
+    /// Which of the set's two reference tables collects its references now.
+    building: u8,
+    /// Its name.
+    refs_name: String,
     old_index: ReadOnlyTable<&'static [u8], &'static [u8]>,
     cursor: Option<Vec<u8>>,
     txn: Option<WriteTransaction>,
@@ -513,12 +574,15 @@ struct Scan<'a> {
 impl<'a> Scan<'a> {
     fn new(run: Run<'a>, set: &'a BackupSet, excludes: Gitignore) -> anyhow::Result<Self> {
         let index_name = state::index_name(&set.name);
-        // The snapshot's references are collected afresh, in the table that does
-        // not hold those of the last commit.
-        let building = state::refs_head(run.db)?.map_or(0, |(table, _)| 1 - table);
+        // The set's references are collected afresh, in its table that does not
+        // hold those of its last commit.
+        let building = state::set_heads(run.db)?
+            .get(&set.name)
+            .map_or(0, |head| 1 - head.table);
+        let refs_name = state::refs_table_name(&set.name, building);
         let txn = run.db.begin_write()?;
-        txn.delete_table(REFS[building])?;
-        txn.open_table(REFS[building])?;
+        txn.delete_table(state::refs_table(&refs_name))?;
+        txn.open_table(state::refs_table(&refs_name))?;
         txn.open_table(state::index_table(&index_name))?;
         txn.commit()?;
         let old_index = run
@@ -545,6 +609,7 @@ impl<'a> Scan<'a> {
             sealer,
             index_name,
             building,
+            refs_name,
             old_index,
             cursor: None,
             txn: None,
@@ -582,8 +647,8 @@ impl<'a> Scan<'a> {
         }
         if self.spool_bytes >= self.run.spool_limit.min(UPLOAD_BATCH) {
             self.upload_spool().context(
-                "the spool is full and could not be uploaded; everything sealed so far \
-                 is kept in the spool for the next run",
+                "the spool could not be uploaded; everything sealed so far is kept in \
+                 the spool for the next run",
             )?;
         }
         Ok(())
@@ -611,9 +676,9 @@ impl<'a> Scan<'a> {
 
     /// Adds ids to the snapshot's references.
     fn reference(&mut self, ids: &[ObjectId]) -> anyhow::Result<()> {
-        let building = self.building;
+        let name = self.refs_name.clone();
         let txn = self.txn()?;
-        let mut refs = txn.open_table(REFS[building])?;
+        let mut refs = txn.open_table(state::refs_table(&name))?;
         for id in ids {
             refs.insert(id.as_bytes(), ())?;
         }

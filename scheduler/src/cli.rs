@@ -207,6 +207,10 @@ pub struct LsArgs {
     pub snapshot: String,
     /// Only below this path (absolute, as backed up).
     pub path: Option<PathBuf>,
+    /// The backup set to read (default: the one the snapshot was made of; a
+    /// snapshot also holds the other sets as last backed up).
+    #[arg(long, value_name = "NAME")]
+    pub set: Option<String>,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
@@ -225,6 +229,10 @@ pub struct RestoreArgs {
     /// Where to restore; paths keep their layout below it.
     #[arg(long, value_name = "DIR")]
     pub target: PathBuf,
+    /// The backup set to read (default: the one the snapshot was made of; a
+    /// snapshot also holds the other sets as last backed up).
+    #[arg(long, value_name = "NAME")]
+    pub set: Option<String>,
     /// Print the summary as JSON.
     #[arg(long)]
     pub json: bool,

@@ -101,6 +101,7 @@ pub fn backup(paths: &Paths, args: &BackupArgs) -> anyhow::Result<ExitCode> {
         .map(|h| h.to_string_lossy().into_owned())
         .unwrap_or_default();
     let mut summaries: Vec<Summary> = Vec::new();
+    let mut failed = 0;
     let spool_limit = session.config.spool.limit_mib.saturating_mul(1 << 20);
     let progress = !args.json && std::io::stderr().is_terminal();
     for set in &sets {
@@ -125,8 +126,19 @@ pub fn backup(paths: &Paths, args: &BackupArgs) -> anyhow::Result<ExitCode> {
                 attempt()
             }
             other => other,
-        }
-        .with_context(|| format!("backup of set `{}` failed", set.name))?;
+        };
+        // A set that fails does not keep the others from their backup.
+        let summary = match summary {
+            Ok(summary) => summary,
+            Err(error) => {
+                eprintln!(
+                    "homing: error: backup of set `{}` failed: {error:#}",
+                    set.name
+                );
+                failed += 1;
+                continue;
+            }
+        };
         if !args.json {
             print!("{}", summary.to_text());
         }
@@ -135,6 +147,9 @@ pub fn backup(paths: &Paths, args: &BackupArgs) -> anyhow::Result<ExitCode> {
     session.remote.close();
     if args.json {
         println!("{}", serde_json::to_string_pretty(&summaries)?);
+    }
+    if failed > 0 {
+        bail!("{failed} of {} backup sets failed (see above)", sets.len());
     }
     let incomplete = summaries.iter().any(|s| s.unreadable > 0);
     Ok(if incomplete {
@@ -188,10 +203,13 @@ pub fn ls(paths: &Paths, args: &LsArgs) -> anyhow::Result<ExitCode> {
     let (mut session, _, manifest) = session_at(paths, &args.unlock, &args.snapshot)?;
     let mut listed = Vec::new();
     let json = args.json;
+    let root = manifest
+        .root_of(args.set.as_deref())
+        .map_err(anyhow::Error::msg)?;
     restore::ls(
         &mut session.remote,
         &session.keys,
-        &manifest,
+        root,
         args.path.as_deref(),
         &mut |entry| {
             if json {
@@ -229,10 +247,13 @@ pub fn ls(paths: &Paths, args: &LsArgs) -> anyhow::Result<ExitCode> {
 pub fn restore(paths: &Paths, args: &RestoreArgs) -> anyhow::Result<ExitCode> {
     let (mut session, id, manifest) = session_at(paths, &args.unlock, &args.snapshot)?;
     let target: PathBuf = std::path::absolute(&args.target)?;
+    let root = manifest
+        .root_of(args.set.as_deref())
+        .map_err(anyhow::Error::msg)?;
     let summary = restore::restore(
         &mut session.remote,
         &session.keys,
-        &manifest,
+        root,
         args.path.as_deref(),
         &target,
     )?;

@@ -37,7 +37,7 @@ pub struct Config {
     #[serde(default)]
     pub spool: SpoolConfig,
     /// Backup sets.
-    #[serde(default, rename = "set")]
+    #[serde(default, rename = "set", skip_serializing_if = "Vec::is_empty")]
     pub sets: Vec<BackupSet>,
 }
 
@@ -281,5 +281,18 @@ priority = "critical"
                 "{to}"
             );
         }
+    }
+
+    #[test]
+    fn a_saved_configuration_takes_appended_sets() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config::parse(GOOD, Path::new("c.toml"), dir.path()).unwrap();
+        config.sets.clear();
+        config.save(dir.path()).unwrap();
+        let mut text = std::fs::read_to_string(dir.path().join(FILE_NAME)).unwrap();
+        text.push_str("\n[[set]]\nname = \"more\"\npaths = [\"/srv\"]\n");
+        let again = Config::parse(&text, Path::new("c.toml"), dir.path()).unwrap();
+        assert_eq!(again.sets.len(), 1);
+        assert_eq!(again.store, config.store);
     }
 }

@@ -151,10 +151,24 @@ pub fn checked_head(
             );
         }
         // Walk back to the sequence number seen: it must be the snapshot seen.
+        // The snapshot seen is usually the head or its parent, named by the
+        // head's own manifest; older manifests are fetched only when others
+        // committed in between (retention may have dropped them: then say so).
         let mut at = (head, manifest.sequence, manifest.previous);
         while at.1 > known_sequence {
             let Some(previous) = at.2 else { break };
-            let earlier = remote.manifest(keys, previous)?;
+            if previous == known_id {
+                at = (known_id, known_sequence, None);
+                break;
+            }
+            let earlier = remote.manifest(keys, previous).with_context(|| {
+                format!(
+                    "cannot tell whether the store's history contains snapshot {known_id} \
+                     (number {known_sequence}), which this client saw: snapshot {previous} \
+                     between them is gone (retention?). If the store is the one you trust, \
+                     remove the state directory's state.redb to accept its history."
+                )
+            })?;
             at = (previous, earlier.sequence, earlier.previous);
         }
         if at.1 == known_sequence && at.0 != known_id {

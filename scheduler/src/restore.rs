@@ -222,21 +222,21 @@ pub struct Listed {
     pub target: Option<String>,
 }
 
-/// Lists the snapshot's entries below `path`, depth first.
+/// Lists the entries of the tree `root` below `path`, depth first.
 ///
 /// # Errors
 /// Missing or damaged trees.
 pub fn ls(
     remote: &mut Remote,
     keys: &KeyRing,
-    manifest: &Manifest,
+    root: ObjectId,
     path: Option<&Path>,
     out: &mut dyn FnMut(Listed) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     let start = path.unwrap_or(Path::new("/"));
-    let trail = find(remote, keys, manifest.root, start)?;
+    let trail = find(remote, keys, root, start)?;
     match trail.last() {
-        None => walk_listing(remote, keys, manifest.root, Path::new("/"), out),
+        None => walk_listing(remote, keys, root, Path::new("/"), out),
         Some(entry) => {
             out(listed(start, entry))?;
             if let Kind::Dir(id) = entry.kind {
@@ -304,7 +304,7 @@ pub struct RestoreSummary {
     pub failures: Vec<String>,
 }
 
-/// Restores `path` of the snapshot (everything if `None`) under `target`, keeping
+/// Restores `path` of the tree `root` (everything if `None`) under `target`, keeping
 /// its layout: `/home/me/a` lands in `TARGET/home/me/a`.
 ///
 /// # Errors
@@ -313,7 +313,7 @@ pub struct RestoreSummary {
 pub fn restore(
     remote: &mut Remote,
     keys: &KeyRing,
-    manifest: &Manifest,
+    root: ObjectId,
     path: Option<&Path>,
     target: &Path,
 ) -> anyhow::Result<RestoreSummary> {
@@ -327,9 +327,9 @@ pub fn restore(
         owner: nix::unistd::geteuid().is_root(),
     };
     let start = path.unwrap_or(Path::new("/"));
-    let trail = find(restorer.remote, keys, manifest.root, start)?;
+    let trail = find(restorer.remote, keys, root, start)?;
     match trail.split_last() {
-        None => restorer.dir(manifest.root, Path::new("/"), target)?,
+        None => restorer.dir(root, Path::new("/"), target)?,
         Some((last, leading)) => {
             // The directories leading to the path, with their metadata after.
             let mut at = target.to_path_buf();
@@ -647,7 +647,10 @@ pub fn verify(
         batch: Vec::new(),
         read_data,
     };
-    verifier.tree(remote, keys, manifest.root, Path::new("/"))?;
+    // Every set the snapshot holds: its own and the others as last committed.
+    for (_, root) in manifest.roots() {
+        verifier.tree(remote, keys, root, Path::new("/"))?;
+    }
     verifier.flush(remote, keys)?;
     Ok(verifier.summary)
 }

@@ -23,15 +23,15 @@ const CACHE_BYTES: usize = 4 << 20;
 pub const SPOOL: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("spool");
 /// Ids the store confirmed holding: id → ().
 pub const KNOWN: TableDefinition<&[u8; 32], ()> = TableDefinition::new("known");
-/// The reference sets: id → (). One holds the references of the last snapshot
-/// this client committed (see [`refs_head`]), the other those of the snapshot
-/// being built; a commit sends the difference and then swaps them.
-pub const REFS: [TableDefinition<&[u8; 32], ()>; 2] = [
-    TableDefinition::new("refs-0"),
-    TableDefinition::new("refs-1"),
-];
+/// The sets this client has committed: name → [`SetHead`] (JSON): the root of its
+/// newest committed tree, and which of its two reference tables holds that
+/// tree's references. A snapshot carries the roots of every set (its own fresh,
+/// the others as last committed), so that retention keeps every set whatever
+/// snapshot it keeps.
+pub const SETS: TableDefinition<&str, &[u8]> = TableDefinition::new("sets");
 /// Small values: `head` (id ‖ sequence, big-endian), `spool-bytes`, and
-/// `refs-head` (which of [`REFS`] ‖ the snapshot whose references it holds).
+/// `refs-head`: the snapshot whose references the sets' current reference tables
+/// add up to (the last one this client committed).
 pub const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
 /// The index table named `name` (from [`index_name`]): key → [`IndexEntry`].
@@ -69,8 +69,7 @@ pub fn open(dir: &Path) -> anyhow::Result<Database> {
     let txn = db.begin_write()?;
     txn.open_table(SPOOL)?;
     txn.open_table(KNOWN)?;
-    txn.open_table(REFS[0])?;
-    txn.open_table(REFS[1])?;
+    txn.open_table(SETS)?;
     txn.open_table(META)?;
     txn.commit()?;
     Ok(db)
@@ -107,41 +106,81 @@ pub fn set_known_head(db: &Database, id: &ObjectId, sequence: u64) -> anyhow::Re
     Ok(())
 }
 
-/// Which reference table holds the references of which committed snapshot.
+/// A set's reference table `table` (0 or 1): id → (), the ids its tree needs.
+pub fn refs_table_name(set: &str, table: u8) -> String {
+    format!("refs/{set}/{table}")
+}
+
+/// The reference table named `name` (from [`refs_table_name`]).
+pub fn refs_table(name: &str) -> TableDefinition<'_, &'static [u8; 32], ()> {
+    TableDefinition::new(name)
+}
+
+/// What this client last committed of a set.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SetHead {
+    /// The root tree (hex).
+    pub root: String,
+    /// When its scan started (seconds since the epoch).
+    pub time: i64,
+    /// The paths it backs up.
+    pub paths: Vec<String>,
+    /// Which reference table (0 or 1) holds what the root needs.
+    pub table: u8,
+}
+
+/// Every set this client has committed.
+///
+/// # Errors
+/// Database errors and damaged records.
+pub fn set_heads(db: &Database) -> anyhow::Result<std::collections::BTreeMap<String, SetHead>> {
+    let txn = db.begin_read()?;
+    let table = txn.open_table(SETS)?;
+    let mut heads = std::collections::BTreeMap::new();
+    for item in table.iter()? {
+        let (name, value) = item?;
+        let head: SetHead = serde_json::from_slice(value.value())
+            .with_context(|| format!("the state's record of set `{}` is damaged", name.value()))?;
+        heads.insert(name.value().to_string(), head);
+    }
+    Ok(heads)
+}
+
+/// Records what was committed of a set.
 ///
 /// # Errors
 /// Database errors.
-pub fn refs_head(db: &Database) -> anyhow::Result<Option<(usize, ObjectId)>> {
+pub fn set_set_head(txn: &redb::WriteTransaction, set: &str, head: &SetHead) -> anyhow::Result<()> {
+    let value = serde_json::to_vec(head)?;
+    txn.open_table(SETS)?.insert(set, value.as_slice())?;
+    Ok(())
+}
+
+/// The snapshot whose references the sets' current tables add up to.
+///
+/// # Errors
+/// Database errors.
+pub fn refs_head(db: &Database) -> anyhow::Result<Option<ObjectId>> {
     let txn = db.begin_read()?;
     let meta = txn.open_table(META)?;
     let Some(value) = meta.get("refs-head")? else {
         return Ok(None);
     };
-    let bytes = value.value();
-    anyhow::ensure!(
-        bytes.len() == 33 && bytes[0] < 2,
-        "the state's refs-head record is damaged"
-    );
-    let id = ObjectId::from_bytes(bytes[1..].try_into().expect("32 bytes"));
-    Ok(Some((usize::from(bytes[0]), id)))
+    // Anything but an id (an older layout) means: unknown, send a whole list.
+    Ok(<[u8; 32]>::try_from(value.value())
+        .ok()
+        .map(ObjectId::from_bytes))
 }
 
-/// Records that reference table `table` holds the references of `snapshot`
-/// (`None`: of no snapshot the store may have).
+/// Records (or with `None` forgets) the snapshot the sets' tables describe.
 ///
 /// # Errors
 /// Database errors.
-pub fn set_refs_head(
-    txn: &redb::WriteTransaction,
-    head: Option<(usize, &ObjectId)>,
-) -> anyhow::Result<()> {
+pub fn set_refs_head(txn: &redb::WriteTransaction, head: Option<&ObjectId>) -> anyhow::Result<()> {
     let mut meta = txn.open_table(META)?;
     match head {
-        Some((table, id)) => {
-            let mut value = [0_u8; 33];
-            value[0] = u8::try_from(table).expect("0 or 1");
-            value[1..].copy_from_slice(id.as_bytes());
-            meta.insert("refs-head", value.as_slice())?;
+        Some(id) => {
+            meta.insert("refs-head", id.as_bytes().as_slice())?;
         }
         None => {
             meta.remove("refs-head")?;

@@ -11,6 +11,8 @@
 //!
 //! Everything here is plaintext that only ever leaves the machine sealed.
 
+use std::collections::BTreeMap;
+
 use homing_crypto::ObjectId;
 use serde::{Deserialize, Serialize};
 
@@ -340,6 +342,51 @@ pub struct Manifest {
     pub previous: Option<ObjectId>,
     /// Figures of the run that made it.
     pub summary: ManifestSummary,
+    /// The other sets of this client as last committed: with them a snapshot is
+    /// the whole picture, and whichever snapshots retention keeps, every set's
+    /// state at their times is kept with them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub others: BTreeMap<String, OtherSet>,
+}
+
+/// Another set's newest committed tree, as a manifest carries it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OtherSet {
+    /// Its root tree.
+    #[serde(with = "hex_id")]
+    pub root: ObjectId,
+    /// When its scan started, seconds since the epoch.
+    pub time: i64,
+    /// The paths it backs up.
+    pub paths: Vec<String>,
+}
+
+impl Manifest {
+    /// The root of `set` in this snapshot (its own set when `None`).
+    ///
+    /// # Errors
+    /// A set the snapshot does not hold, naming those it does.
+    pub fn root_of(&self, set: Option<&str>) -> Result<ObjectId, String> {
+        match set {
+            None => Ok(self.root),
+            Some(name) if name == self.set => Ok(self.root),
+            Some(name) => self.others.get(name).map(|o| o.root).ok_or_else(|| {
+                let mut names: Vec<&str> = vec![self.set.as_str()];
+                names.extend(self.others.keys().map(String::as_str));
+                format!(
+                    "this snapshot has no set `{name}`; it has: {}",
+                    names.join(", ")
+                )
+            }),
+        }
+    }
+
+    /// Every (set, root) of this snapshot, its own first.
+    pub fn roots(&self) -> Vec<(&str, ObjectId)> {
+        std::iter::once((self.set.as_str(), self.root))
+            .chain(self.others.iter().map(|(n, o)| (n.as_str(), o.root)))
+            .collect()
+    }
 }
 
 /// Figures a manifest records.
@@ -662,7 +709,18 @@ mod tests {
             sequence: 3,
             previous: Some(id(2)),
             summary: ManifestSummary::default(),
+            others: BTreeMap::from([(
+                "docs".to_string(),
+                OtherSet {
+                    root: id(4),
+                    time: 1_789_000_000,
+                    paths: vec!["/home/me/docs".into()],
+                },
+            )]),
         };
+        assert_eq!(manifest.root_of(Some("docs")), Ok(id(4)));
+        assert_eq!(manifest.root_of(None), Ok(id(1)));
+        assert!(manifest.root_of(Some("music")).is_err());
         assert_eq!(Manifest::decode(&manifest.encode()).unwrap(), manifest);
         let other = Manifest {
             version: 2,

@@ -1022,3 +1022,83 @@ fn an_air_gapped_client_keeps_its_key_and_enrolls_with_a_signed_certificate() {
     .unwrap();
     assert_eq!(info["snapshots"], 1, "{info}");
 }
+
+#[test]
+fn every_snapshot_carries_every_set_so_retention_keeps_them_all() {
+    let rig = Rig::new("0");
+    let docs = rig.dir("docs");
+    let music = rig.dir("music");
+    fs::write(docs.join("letter.txt"), "dear store\n").unwrap();
+    fs::write(music.join("song.ogg"), bytes(3, 500_000, false)).unwrap();
+    let music_state = describe(&music);
+    let mut config = fs::read_to_string(rig.config.join("config.toml")).unwrap();
+    config.push_str(&format!(
+        "\n[[set]]\nname = \"docs\"\npaths = [\"{}\"]\n\n[[set]]\nname = \"music\"\npaths = [\"{}\"]\npriority = \"bulk\"\n",
+        docs.display(),
+        music.display()
+    ));
+    fs::write(rig.config.join("config.toml"), config).unwrap();
+    let both = rig.homing(&["backup", "--json"]);
+    assert!(both.status.success(), "{}", stderr(&both));
+    let summaries: serde_json::Value = serde_json::from_slice(&both.stdout).unwrap();
+    assert_eq!(summaries.as_array().unwrap().len(), 2);
+    // Three more backups of docs alone: each sends its change, not music's ids.
+    for n in 0..3 {
+        fs::write(docs.join("letter.txt"), format!("dear store, take {n}\n")).unwrap();
+        let out = rig.homing(&["backup", "--set", "docs", "--json"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let summary = summary(&out);
+        assert!(
+            summary["bytes_sent"].as_u64().unwrap() < 8 * 1024,
+            "{summary}"
+        );
+    }
+    let docs_state = describe(&docs);
+    // Keep one snapshot: the newest, made of docs. Music stays in it.
+    let store = rig.store.to_str().unwrap();
+    store_cmd(&[
+        "retention",
+        "set",
+        "laptop",
+        "--store",
+        store,
+        "--keep-hourly",
+        "1",
+    ]);
+    let gc: serde_json::Value = serde_json::from_str(&store_cmd(&[
+        "gc",
+        "--store",
+        store,
+        "--grace-hours",
+        "0",
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(
+        gc["snapshots_forgotten"].as_array().unwrap().len(),
+        4,
+        "{gc}"
+    );
+    let target = rig.dir("target");
+    let out = rig.homing(&[
+        "restore",
+        "latest",
+        "--set",
+        "music",
+        "--target",
+        target.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_same(&music_state, &describe(&restored(&target, &music)));
+    let out = rig.restore("latest", &target);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_same(&docs_state, &describe(&restored(&target, &docs)));
+    let verify = ok(rig.homing(&["verify", "--read-data"]));
+    assert!(verify.contains("0 problems"), "{verify}");
+    let unknown = rig.homing(&["ls", "latest", "--set", "videos"]);
+    assert!(
+        stderr(&unknown).contains("no set `videos`"),
+        "{}",
+        stderr(&unknown)
+    );
+}

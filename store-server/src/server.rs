@@ -124,6 +124,11 @@ impl<B: Backend + 'static> Server<B> {
         })
     }
 
+    /// The object store it serves (for tests that inject faults into its backend).
+    pub fn store(&self) -> &ObjectStore<B> {
+        &self.store
+    }
+
     /// Sets how long an unneeded object waits before the hourly collection
     /// deletes it (default [`DEFAULT_GC_GRACE`]).
     #[must_use]

@@ -873,3 +873,109 @@ fn a_second_server_on_the_same_store_refuses_to_start() {
         "{message}"
     );
 }
+
+#[test]
+fn parallel_uploads_over_the_quota_stay_within_it_and_each_refusal_says_store_full() {
+    let store = Store::new();
+    let server = store.start();
+    let config = client_config(&store.credentials("alice"), &store.dir.join("ca/ca.crt"));
+    const CONNECTIONS: u8 = 8;
+    const OBJECTS: u8 = 30;
+    const LEN: usize = 10_000;
+    let (stored, refused) = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .expect("a runtime")
+        .block_on(async {
+            let mut tasks = Vec::new();
+            let address = server.address;
+            for c in 0..CONNECTIONS {
+                let config = Arc::clone(&config);
+                tasks.push(tokio::spawn(async move {
+                    let mut connection = Connection::open(address, config)
+                        .await
+                        .expect("alice connects");
+                    let objects: Vec<(ObjectId, Vec<u8>)> = (0..OBJECTS)
+                        .map(|n| {
+                            let mut bytes = object(n, LEN);
+                            bytes[0] = c;
+                            let mut raw = [0xee; 32];
+                            raw[0] = c;
+                            raw[1] = n;
+                            (ObjectId::from_bytes(raw), bytes)
+                        })
+                        .collect();
+                    // Half whole (batched), half in two pieces (the resumable path).
+                    let mut messages = Vec::new();
+                    for (n, (object_id, bytes)) in objects.iter().enumerate() {
+                        if n % 2 == 0 {
+                            messages.push(ClientMessage::Put {
+                                id: *object_id,
+                                total: LEN as u32,
+                                offset: 0,
+                                data: bytes,
+                            });
+                        } else {
+                            for (k, piece) in bytes.chunks(LEN / 2).enumerate() {
+                                messages.push(ClientMessage::Put {
+                                    id: *object_id,
+                                    total: LEN as u32,
+                                    offset: (k * LEN / 2) as u32,
+                                    data: piece,
+                                });
+                            }
+                        }
+                    }
+                    connection.send(&messages).await.expect("sent");
+                    let (mut stored, mut refused) = (0_u64, 0_u64);
+                    let mut answered = std::collections::HashSet::new();
+                    while answered.len() < usize::from(OBJECTS) {
+                        let (object_id, outcome) = connection
+                            .receive(|m| match m {
+                                ServerMessage::Stored { id } => (id, None),
+                                ServerMessage::Refused { id, error } => (id, Some(error)),
+                                other => panic!("{other:?}"),
+                            })
+                            .await
+                            .expect("an answer");
+                        if !answered.insert(object_id) {
+                            // The second piece of a refused upload is refused too.
+                            continue;
+                        }
+                        match outcome {
+                            None => stored += 1,
+                            Some(WireError::StoreFull { .. }) => refused += 1,
+                            Some(other) => panic!("{object_id}: {other:?}"),
+                        }
+                    }
+                    (stored, refused)
+                }));
+            }
+            let mut totals = (0, 0);
+            for task in tasks {
+                let (s, r) = task.await.expect("the task ends");
+                totals.0 += s;
+                totals.1 += r;
+            }
+            totals
+        });
+    drop(server);
+    assert_eq!(
+        stored + refused,
+        u64::from(CONNECTIONS) * u64::from(OBJECTS)
+    );
+    assert!(refused > 0, "the uploads were meant to exceed the quota");
+    let info: serde_json::Value = serde_json::from_str(&run(&[
+        "account",
+        "info",
+        "alice",
+        "--store",
+        store.dir.to_str().unwrap(),
+        "--json",
+    ]))
+    .unwrap();
+    let used = info["used"].as_u64().unwrap();
+    assert!(used <= 1 << 20, "{info}");
+    assert_eq!(info["objects"].as_u64().unwrap(), stored, "{info}");
+}

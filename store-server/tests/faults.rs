@@ -1,0 +1,134 @@
+//! Storage faults injected through the storage trait, under a real TLS server and
+//! a real client: the client gets an error for what failed, every object the
+//! store acknowledged stays readable, and `check` passes afterwards.
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+
+use homing_crypto::ObjectId;
+use homing_store::backend::{Fault, FaultyBackend, LocalBackend};
+use homing_store::objects::ObjectStore;
+use homing_store::server::Server;
+use homing_transfer::client::{self, ClientError, Connection, Pending};
+use homing_transfer::stream::{Rate, Unmetered};
+
+fn store_cmd(args: &[&str]) {
+    let out = Command::new(env!("CARGO_BIN_EXE_homing-store"))
+        .args(args)
+        .output()
+        .expect("homing-store runs");
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn object(n: u8, len: usize) -> (ObjectId, Vec<u8>) {
+    let bytes: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(31) ^ n).collect();
+    (ObjectId::from_bytes([n; 32]), bytes)
+}
+
+async fn upload(
+    connection: &mut Connection,
+    objects: &[(ObjectId, Vec<u8>)],
+) -> Result<Vec<ObjectId>, ClientError> {
+    let pending: Vec<Pending> = objects
+        .iter()
+        .map(|(id, _)| Pending { id: *id, held: 0 })
+        .collect();
+    let mut stored = Vec::new();
+    connection
+        .upload(
+            &pending,
+            |id| {
+                Ok(objects
+                    .iter()
+                    .find(|(i, _)| i == id)
+                    .expect("an object of the test")
+                    .1
+                    .clone())
+            },
+            |id| {
+                stored.push(*id);
+                Ok(())
+            },
+        )
+        .await?;
+    Ok(stored)
+}
+
+#[test]
+fn no_space_io_errors_and_torn_writes_lose_nothing_acknowledged() {
+    let home = tempfile::tempdir().expect("a temporary directory");
+    let dir = home.path().join("store");
+    let d = dir.to_str().expect("UTF-8");
+    store_cmd(&["init", d]);
+    store_cmd(&["account", "add", "alice", "--store", d]);
+    let prefix = home.path().join("alice");
+    let p = prefix.to_str().expect("UTF-8");
+    store_cmd(&["ca", "issue", "alice", "--store", d, "--out", p]);
+    let backend =
+        FaultyBackend::new(LocalBackend::open(&dir.join("segments")).expect("the segments open"));
+    let store = ObjectStore::open(&dir, backend).expect("the store opens");
+    let server = Arc::new(Server::new(&dir, store).expect("a server"));
+    let tls = client::tls_config(
+        Path::new(&format!("{p}-ca.crt")),
+        Path::new(&format!("{p}.crt")),
+        Path::new(&format!("{p}.key")),
+    )
+    .expect("credentials");
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a runtime")
+        .block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("a port");
+            let address = listener.local_addr().expect("an address").to_string();
+            let serving =
+                tokio::spawn(Arc::clone(&server).serve(listener, std::future::pending::<()>()));
+            let mut connection = Connection::connect(
+                &address,
+                "localhost",
+                Arc::clone(&tls),
+                Arc::new(Unmetered),
+                Rate::unlimited(),
+            )
+            .await
+            .expect("connected");
+            let good: Vec<_> = (1..=5).map(|n| object(n, 20_000)).collect();
+            let acknowledged = upload(&mut connection, &good).await.expect("stored");
+            assert_eq!(acknowledged.len(), 5);
+            for (n, fault) in [(21, Fault::NoSpace), (22, Fault::Io), (23, Fault::Torn)] {
+                server.store().backend().plan([Some(fault)]);
+                let failing = vec![object(n, 30_000)];
+                let error = upload(&mut connection, &failing)
+                    .await
+                    .expect_err("the fault reaches the client");
+                assert!(
+                    matches!(error, ClientError::Refused { id, .. } if id == failing[0].0),
+                    "{fault:?}: {error}"
+                );
+                // The connection goes on; the same object goes through afterwards.
+                let again = upload(&mut connection, &failing).await.expect("stored");
+                assert_eq!(again, vec![failing[0].0]);
+            }
+            // Everything acknowledged reads back whole.
+            for (id, bytes) in &good {
+                assert_eq!(&connection.get(*id).await.expect("readable"), bytes);
+            }
+            for n in [21, 22, 23] {
+                let (id, bytes) = object(n, 30_000);
+                assert_eq!(connection.get(id).await.expect("readable"), bytes);
+            }
+            serving.abort();
+        });
+    let report = server.store().check(false).expect("check runs");
+    assert!(report.damaged.is_empty(), "{:?}", report.damaged);
+    assert!(report.lost.is_empty(), "{:?}", report.lost);
+    assert_eq!(report.objects, 8);
+}

@@ -6,9 +6,9 @@
 //! the CRL is re-read when it changes, new handshakes of a revoked certificate
 //! fail, and open sessions of it are closed before their next request.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
@@ -44,6 +44,10 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A connection silent for this long is closed. Clients send no keep-alives (they
 /// cost bytes on metered links); they reconnect, with TLS session resumption.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+/// Connections one source address may hold at once (handshakes and sessions): a
+/// laptop needs one or two; a misbehaving peer cannot take every place.
+pub const MAX_CONNECTIONS_PER_SOURCE: usize = 32;
+
 /// How often the server applies retention and collects garbage.
 const GC_INTERVAL: Duration = Duration::from_secs(3600);
 /// How long an unneeded object waits before it is deleted by default: an upload
@@ -96,6 +100,41 @@ pub struct Server<B> {
     crl_changed: Mutex<Option<SystemTime>>,
     /// Seconds an unneeded object waits before the hourly collection deletes it.
     gc_grace: u64,
+    /// Connections (in handshake or in session) per source address.
+    sources: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+/// One connection's place in its source address's share; given back on drop.
+struct SourceShare {
+    sources: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    source: IpAddr,
+}
+
+impl SourceShare {
+    fn take(sources: &Arc<Mutex<HashMap<IpAddr, usize>>>, source: IpAddr) -> Option<Self> {
+        let mut counts = sources.lock().unwrap_or_else(|p| p.into_inner());
+        let count = counts.entry(source).or_insert(0);
+        if *count >= MAX_CONNECTIONS_PER_SOURCE {
+            return None;
+        }
+        *count += 1;
+        Some(Self {
+            sources: Arc::clone(sources),
+            source,
+        })
+    }
+}
+
+impl Drop for SourceShare {
+    fn drop(&mut self) {
+        let mut counts = self.sources.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = counts.get_mut(&self.source) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.source);
+            }
+        }
+    }
 }
 
 struct TlsState {
@@ -121,6 +160,7 @@ impl<B: Backend + 'static> Server<B> {
             tls: RwLock::new(state),
             crl_changed: Mutex::new(crl_stamp(dir)),
             gc_grace: DEFAULT_GC_GRACE,
+            sources: Arc::default(),
         })
     }
 
@@ -173,8 +213,16 @@ impl<B: Backend + 'static> Server<B> {
                     Err(error) => break Err(error),
                 },
             };
+            // One address cannot take every place: past its share, its new
+            // connections are closed at once.
+            let Some(share) = SourceShare::take(&self.sources, peer.ip()) else {
+                tracing::debug!(%peer, "too many connections from this address");
+                drop(tcp);
+                continue;
+            };
             let (server, sessions) = (Arc::clone(&self), Arc::clone(&sessions));
             tokio::spawn(async move {
+                let _share = share;
                 if let Err(error) = server.session(tcp, peer, permit, sessions).await {
                     tracing::info!(%peer, %error, "session ended");
                 }

@@ -645,12 +645,28 @@ fn hostile_bytes_end_only_their_own_session() {
         c.receive(|m| assert!(matches!(m, ServerMessage::Error(_)), "{m:?}"))
             .await
             .unwrap();
-        // Raw TCP that never speaks TLS, a thousand times over: the server stays
+        // Raw TCP that never speaks TLS, a thousand times over from another
+        // loopback address: the server keeps that address to its share, stays
         // up, and a real client still gets in at once.
         let mut idle = Vec::new();
         for _ in 0..1000 {
-            idle.push(TcpStream::connect(server.address).await.unwrap());
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+            idle.push(socket.connect(server.address).await.unwrap());
         }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let open = idle
+            .iter()
+            .filter(|stream| {
+                let mut byte = [0_u8; 1];
+                matches!(stream.try_read(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+            })
+            .count();
+        // homing_store::server::MAX_CONNECTIONS_PER_SOURCE
+        assert!(
+            open <= 32,
+            "{open} idle connections from one address stay open"
+        );
         let start = tokio::time::Instant::now();
         let mut c = Connection::open(server.address, config)
             .await

@@ -522,6 +522,14 @@ impl<'a> Reader<'a> {
             }
             value |= bits << shift;
             if byte & 0x80 == 0 {
+                // One encoding per value: a trailing zero byte would make two
+                // trees of the same content differ (and their ids).
+                if byte == 0 && shift > 0 {
+                    return Err(malformed(
+                        self.what,
+                        "an integer in more bytes than it needs",
+                    ));
+                }
                 return Ok(value);
             }
         }

@@ -42,6 +42,9 @@ pub enum Command {
     /// Check that a snapshot is complete in the store; --read-data fetches and
     /// authenticates every object.
     Verify(VerifyArgs),
+    /// Network policies: check files.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
     /// Manage the master key: generate, export to paper, import, fingerprint.
     #[command(subcommand)]
     Key(KeyCommand),
@@ -267,4 +270,19 @@ pub struct EnrollArgs {
     /// The store's CA certificate (PREFIX-ca.crt), unless `init` was given it.
     #[arg(long, value_name = "FILE")]
     pub ca: Option<PathBuf>,
+}
+
+/// `homing policy ...`
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Check policy files (all of them together, as the daemon loads them); exits
+    /// non-zero naming the first bad one.
+    Check {
+        /// Policy files.
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }

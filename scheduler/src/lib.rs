@@ -14,6 +14,7 @@
 //! - [`restore`]: snapshots, ls, restore, verify;
 //! - [`remote`]: the connection to the store and the rollback checks;
 //! - [`commands`]: the commands that talk to the store, as the CLI runs them;
+//! - [`policy`]: `homing policy check`, network policies through `homing-policy`;
 //! - [`logging`]: tracing set-up for the binary.
 //!
 //! Commands that later issues bring (`daemon`, `status`, ...) are recognised and
@@ -27,6 +28,7 @@ pub mod config;
 pub mod key;
 pub mod logging;
 pub mod paths;
+pub mod policy;
 pub mod remote;
 pub mod restore;
 pub mod setup;
@@ -56,6 +58,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Restore(args) => commands::restore(&paths, &args),
         Command::Verify(args) => commands::verify(&paths, &args),
         Command::Key(command) => key::run(&paths, command).map(|()| ExitCode::SUCCESS),
+        Command::Policy(command) => policy::run(&command),
         Command::Other(words) => Ok(unavailable(&words)),
     }
 }
@@ -70,7 +73,7 @@ const PLANNED: &[(&str, &str)] = &[
     ("pause", "pause uploads"),
     ("resume", "resume uploads"),
     ("backup-now", "ask the daemon for a backup now"),
-    ("policy", "check and explain network policies"),
+    ("explain", "say which network policy applies now and why"),
     ("report", "cap reports per network"),
 ];
 

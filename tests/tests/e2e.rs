@@ -5,6 +5,7 @@
 
 mod backup;
 mod key;
+mod policy;
 mod serve;
 mod store;
 mod unimplemented;

@@ -35,6 +35,7 @@ use anyhow::{Context, bail};
 use homing_crypto::{KeyRing, ObjectId, ObjectKind};
 use homing_transfer::client::{ClientError, Pending};
 use homing_transfer::proto::{ObjectState, WireError};
+use homing_transfer::stream::BudgetExhausted;
 use homing_transfer::{Chunker, PipelineOptions, SealedObject, Sealer, seal_stream};
 use ignore::gitignore::{Gitignore, GitignoreBuilder};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -117,6 +118,9 @@ pub struct Summary {
     pub peak_rss_bytes: u64,
     /// Paths that could not be read, and why (the first few).
     pub problems: Vec<String>,
+    /// Sealed into the spool only: the link's policy allowed no upload (or the
+    /// store was out of reach); the next run uploads and commits.
+    pub queued: bool,
 }
 
 impl Summary {
@@ -186,14 +190,27 @@ pub struct CachesReset {
     pub first: Option<ObjectId>,
 }
 
+/// The network's budget ran out during the upload: what was sealed waits in the
+/// spool (a cut object resumes where it stopped), nothing was committed.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the data budget of this network is spent: {waiting} objects wait in the spool and go when \
+     a link's budget allows; nothing was committed"
+)]
+pub struct BudgetSpent {
+    /// Objects still to upload.
+    pub waiting: usize,
+}
+
 /// Everything a run needs.
 pub struct Run<'a> {
     /// The owner's keys.
     pub keys: &'a KeyRing,
     /// The local state.
     pub db: &'a Database,
-    /// The store.
-    pub remote: &'a mut Remote,
+    /// The store; `None` seals into the spool only (the link's policy says no,
+    /// or the store is out of reach): the next run uploads.
+    pub remote: Option<&'a mut Remote>,
     /// Spool limit in bytes.
     pub spool_limit: u64,
     /// Paths never backed up (the client's own state).
@@ -250,9 +267,16 @@ pub fn backup(run: Run<'_>, set: &BackupSet) -> anyhow::Result<Summary> {
         .build()
         .with_context(|| format!("backup set `{}`: excludes", set.name))?;
 
-    let parent = remote::checked_head(run.remote, run.keys, run.db)?;
-    // The connection's counters run across sets: this set's share is the difference.
-    let (sent_before, received_before) = run.remote.traffic();
+    let mut run = run;
+    let (parent, (sent_before, received_before)) = match run.remote.as_deref_mut() {
+        Some(remote) => (
+            remote::checked_head(remote, run.keys, run.db)?,
+            // The connection's counters run across sets: this set's share is the
+            // difference.
+            remote.traffic(),
+        ),
+        None => (None, (0, 0)),
+    };
     let mut scan = Scan::new(run, set, excludes)?;
     // What an interrupted run left in the spool goes first.
     scan.upload_spool()?;
@@ -261,6 +285,15 @@ pub fn backup(run: Run<'_>, set: &BackupSet) -> anyhow::Result<Summary> {
     let root = root.context("nothing to back up: every path is missing or unreadable")?;
     scan.finish_index()?;
     scan.upload_spool()?;
+    if scan.run.remote.is_none() {
+        // Sealed and queued: nothing to commit until the spool has gone.
+        let mut summary = std::mem::take(&mut scan.summary);
+        summary.queued = true;
+        summary.seconds = started.elapsed().as_secs_f64();
+        (summary.cpu_seconds, summary.peak_rss_bytes) = resources();
+        scan.progress.finish_and_clear();
+        return Ok(summary);
+    }
 
     let mut summary = scan.summary;
     // The other sets ride along as last committed (their references with them).
@@ -298,8 +331,9 @@ pub fn backup(run: Run<'_>, set: &BackupSet) -> anyhow::Result<Summary> {
         .sealer
         .seal(ObjectKind::Snapshot, &manifest.encode())
         .context("cannot seal the manifest")?;
+    let remote = scan.run.remote.as_deref_mut().expect("uploading");
     let committed = commit(
-        scan.run.remote,
+        remote,
         scan.run.db,
         &Committing {
             set: &set.name,
@@ -333,7 +367,7 @@ pub fn backup(run: Run<'_>, set: &BackupSet) -> anyhow::Result<Summary> {
         }
     };
     state::set_known_head(scan.run.db, &head, manifest.sequence)?;
-    let (sent, received) = scan.run.remote.traffic();
+    let (sent, received) = scan.run.remote.as_deref().map_or((0, 0), Remote::traffic);
     summary.bytes_sent = sent - sent_before;
     summary.bytes_received = received - received_before;
     summary.snapshot = Some(head.to_string());
@@ -645,7 +679,12 @@ impl<'a> Scan<'a> {
         if self.txn_bytes >= TXN_BYTES || self.txn_started.elapsed() >= TXN_TIME {
             self.commit_txn()?;
         }
-        if self.spool_bytes >= self.run.spool_limit.min(UPLOAD_BATCH) {
+        let batch = if self.run.remote.is_some() {
+            self.run.spool_limit.min(UPLOAD_BATCH)
+        } else {
+            self.run.spool_limit
+        };
+        if self.spool_bytes >= batch {
             self.upload_spool().context(
                 "the spool could not be uploaded; everything sealed so far is kept in \
                  the spool for the next run",
@@ -1089,9 +1128,21 @@ impl<'a> Scan<'a> {
         Ok((ids, read))
     }
 
-    /// Uploads everything in the spool; what the store confirms leaves it.
+    /// Uploads everything in the spool; what the store confirms leaves it. Without
+    /// a store to upload to, a full spool stops the run (what is sealed stays).
     fn upload_spool(&mut self) -> anyhow::Result<()> {
         self.commit_txn()?;
+        let Some(remote) = self.run.remote.as_deref_mut() else {
+            if self.spool_bytes >= self.run.spool_limit {
+                bail!(
+                    "the spool is full ({} of {} MB) and nothing may be uploaded now; \
+                     everything sealed stays in it until a link allows",
+                    self.spool_bytes / 1_000_000,
+                    self.run.spool_limit / 1_000_000
+                );
+            }
+            return Ok(());
+        };
         let ids: Vec<ObjectId> = {
             let txn = self.run.db.begin_read()?;
             let spool = txn.open_table(SPOOL)?;
@@ -1106,9 +1157,7 @@ impl<'a> Scan<'a> {
         }
         self.progress
             .set_message(format!("uploading {} objects", ids.len()));
-        let states = self
-            .run
-            .remote
+        let states = remote
             .run(async |c| c.query(&ids).await)
             .context("cannot ask the store what it holds")?;
         let mut done = Vec::new();
@@ -1124,7 +1173,8 @@ impl<'a> Scan<'a> {
         let read = db.begin_read()?;
         let spool = read.open_table(SPOOL)?;
         let mut stored = Vec::new();
-        let result = self.run.remote.run(async |c| {
+        let remote = self.run.remote.as_deref_mut().expect("checked above");
+        let result = remote.run(async |c| {
             c.upload(
                 &pending,
                 |id| {
@@ -1143,6 +1193,7 @@ impl<'a> Scan<'a> {
         });
         drop(spool);
         drop(read);
+        let stored_count = stored.len();
         done.extend(stored);
         let freed = self.release(&done)?;
         self.spool_bytes = self.spool_bytes.saturating_sub(freed);
@@ -1151,6 +1202,11 @@ impl<'a> Scan<'a> {
                 self.summary.objects_uploaded += summary.objects;
                 self.summary.bytes_uploaded += summary.bytes;
                 Ok(())
+            }
+            Err(ClientError::Io(error)) if BudgetExhausted::is(&error) => {
+                Err(anyhow::Error::new(BudgetSpent {
+                    waiting: pending.len() - stored_count,
+                }))
             }
             Err(error) => Err(anyhow::Error::new(error).context(format!(
                 "the upload stopped; {} objects stay in the spool for the next run",

@@ -42,7 +42,7 @@ pub enum Command {
     /// Check that a snapshot is complete in the store; --read-data fetches and
     /// authenticates every object.
     Verify(VerifyArgs),
-    /// Network policies: check files.
+    /// Network policies: check files, explain which applies now.
     #[command(subcommand)]
     Policy(PolicyCommand),
     /// Manage the master key: generate, export to paper, import, fingerprint.
@@ -275,6 +275,13 @@ pub struct EnrollArgs {
 /// `homing policy ...`
 #[derive(Debug, Subcommand)]
 pub enum PolicyCommand {
+    /// Say which policy applies to the link to the store now, why, and what it
+    /// allows each priority class.
+    Explain {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Check policy files (all of them together, as the daemon loads them); exits
     /// non-zero naming the first bad one.
     Check {

@@ -10,14 +10,16 @@ use crate::backup::{self, Run, Summary};
 use crate::cli::{BackupArgs, LsArgs, RestoreArgs, SnapshotsArgs, Unlock, VerifyArgs};
 use crate::config::{BackupSet, Config, Priority, check_set_name};
 use crate::key;
+use crate::ledger::LedgerMeter;
 use crate::paths::Paths;
-use crate::remote::Remote;
+use crate::policy;
+use crate::remote::{Remote, StoreUnreachable};
 use crate::restore;
 use crate::state;
+use homing_transfer::stream::Rate;
 
 /// Everything a command that talks to the store needs.
 struct Session {
-    config: Config,
     keys: homing_crypto::KeyRing,
     db: redb::Database,
     remote: Remote,
@@ -30,12 +32,7 @@ fn session(paths: &Paths, unlock: &Unlock) -> anyhow::Result<Session> {
     drop(master);
     let db = state::open(&paths.state)?;
     let remote = Remote::connect(&config.store)?;
-    Ok(Session {
-        config,
-        keys,
-        db,
-        remote,
-    })
+    Ok(Session { keys, db, remote })
 }
 
 /// A session and the snapshot `spec` names in it.
@@ -58,10 +55,13 @@ pub const EXIT_INCOMPLETE: u8 = 3;
 /// # Errors
 /// See [`backup::backup`].
 pub fn backup(paths: &Paths, args: &BackupArgs) -> anyhow::Result<ExitCode> {
-    let mut session = session(paths, &args.unlock)?;
+    let config = Config::load(&paths.config)?;
+    let master = key::load(&paths.key_file(), args.unlock.passphrase_file.as_deref())?;
+    let keys = master.key_ring();
+    drop(master);
+    let db = std::sync::Arc::new(state::open(&paths.state)?);
     let sets: Vec<BackupSet> = if args.paths.is_empty() {
-        let sets: Vec<BackupSet> = session
-            .config
+        let sets: Vec<BackupSet> = config
             .sets
             .iter()
             .filter(|s| args.set.as_deref().is_none_or(|n| n == s.name))
@@ -81,7 +81,7 @@ pub fn backup(paths: &Paths, args: &BackupArgs) -> anyhow::Result<ExitCode> {
     } else {
         let name = args.set.clone().unwrap_or_else(|| "default".into());
         check_set_name(&name)?;
-        let configured = session.config.sets.iter().find(|s| s.name == name);
+        let configured = config.sets.iter().find(|s| s.name == name);
         let mut absolute = Vec::new();
         for path in &args.paths {
             absolute.push(
@@ -100,17 +100,63 @@ pub fn backup(paths: &Paths, args: &BackupArgs) -> anyhow::Result<ExitCode> {
     let host = nix::unistd::gethostname()
         .map(|h| h.to_string_lossy().into_owned())
         .unwrap_or_default();
+    // The link's policy: which sets may upload now, at which rate, charged to
+    // which network's ledger.
+    let plan = policy::plan(paths, &config.store.address)?;
+    let now = jiff::Timestamp::now();
+    let battery = policy::on_battery();
+    let decisions: Vec<homing_policy::Decision> = sets
+        .iter()
+        .map(|set| decide_for(&plan, &db, set.priority, now, battery))
+        .collect::<anyhow::Result<_>>()?;
+    let mut remote = None;
+    let mut unreachable = None;
+    if decisions.iter().any(|d| d.send) {
+        let rate = decisions
+            .iter()
+            .filter(|d| d.send)
+            .find_map(|d| d.rate)
+            .and_then(|r| std::num::NonZeroU32::new(u32::try_from(r).unwrap_or(u32::MAX)))
+            .map_or_else(Rate::unlimited, Rate::limited);
+        let meter: std::sync::Arc<dyn homing_transfer::stream::Meter> = match &plan.policy {
+            Some(policy) => std::sync::Arc::new(LedgerMeter::new(
+                std::sync::Arc::clone(&db),
+                &plan.network,
+                policy.clone(),
+            )?),
+            None => std::sync::Arc::new(homing_transfer::stream::Unmetered),
+        };
+        match Remote::connect_metered(&config.store, meter, rate) {
+            Ok(connected) => remote = Some(connected),
+            // A roaming laptop away from any way home: seal now, send later.
+            Err(error) if error.downcast_ref::<StoreUnreachable>().is_some() => {
+                unreachable = Some(error.to_string());
+            }
+            Err(error) => return Err(error),
+        }
+    }
     let mut summaries: Vec<Summary> = Vec::new();
     let mut failed = 0;
-    let spool_limit = session.config.spool.limit_mib.saturating_mul(1 << 20);
+    let mut waiting = 0;
+    let spool_limit = config.spool.limit_mib.saturating_mul(1 << 20);
     let progress = !args.json && std::io::stderr().is_terminal();
-    for set in &sets {
+    for (set, decision) in sets.iter().zip(&decisions) {
+        if !decision.send || unreachable.is_some() {
+            let why = unreachable
+                .clone()
+                .unwrap_or_else(|| decision.reasons.join("; "));
+            eprintln!(
+                "homing: set `{}` is sealed into the spool and not uploaded now: {why}",
+                set.name
+            );
+        }
+        let upload = decision.send && remote.is_some();
         let mut attempt = || {
             backup::backup(
                 Run {
-                    keys: &session.keys,
-                    db: &session.db,
-                    remote: &mut session.remote,
+                    keys: &keys,
+                    db: &db,
+                    remote: if upload { remote.as_mut() } else { None },
                     spool_limit,
                     skip: vec![paths.state.clone(), paths.config.clone()],
                     progress,
@@ -130,6 +176,11 @@ pub fn backup(paths: &Paths, args: &BackupArgs) -> anyhow::Result<ExitCode> {
         // A set that fails does not keep the others from their backup.
         let summary = match summary {
             Ok(summary) => summary,
+            Err(error) if error.downcast_ref::<backup::BudgetSpent>().is_some() => {
+                eprintln!("homing: set `{}`: {error}", set.name);
+                waiting += 1;
+                continue;
+            }
             Err(error) => {
                 eprintln!(
                     "homing: error: backup of set `{}` failed: {error:#}",
@@ -144,19 +195,49 @@ pub fn backup(paths: &Paths, args: &BackupArgs) -> anyhow::Result<ExitCode> {
         }
         summaries.push(summary);
     }
-    session.remote.close();
+    if let Some(remote) = remote {
+        remote.close();
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&summaries)?);
     }
     if failed > 0 {
         bail!("{failed} of {} backup sets failed (see above)", sets.len());
     }
-    let incomplete = summaries.iter().any(|s| s.unreadable > 0);
+    let incomplete = waiting > 0 || summaries.iter().any(|s| s.unreadable > 0 || s.queued);
     Ok(if incomplete {
         ExitCode::from(EXIT_INCOMPLETE)
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// What the link's policy says about a set of `priority` now.
+fn decide_for(
+    plan: &policy::Plan,
+    db: &redb::Database,
+    priority: Priority,
+    now: jiff::Timestamp,
+    battery: bool,
+) -> anyhow::Result<homing_policy::Decision> {
+    let Some(policy) = &plan.policy else {
+        return Ok(homing_policy::Decision {
+            send: true,
+            classes: homing_policy::Class::ALL.to_vec(),
+            max_bytes: u64::MAX,
+            rate: None,
+            reasons: vec![plan.why.clone()],
+            recheck_at: None,
+        });
+    };
+    let ledger = crate::ledger::load(db, &plan.network)?;
+    let mut queue = homing_policy::Queue::default();
+    match priority {
+        Priority::Critical => queue.critical = 1,
+        Priority::Normal => queue.normal = 1,
+        Priority::Bulk => queue.bulk = 1,
+    }
+    Ok(homing_policy::decide(policy, &ledger, &queue, now, battery))
 }
 
 /// `homing snapshots`

@@ -26,7 +26,9 @@ pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod key;
+pub mod ledger;
 pub mod logging;
+pub mod network;
 pub mod paths;
 pub mod policy;
 pub mod remote;
@@ -58,7 +60,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Restore(args) => commands::restore(&paths, &args),
         Command::Verify(args) => commands::verify(&paths, &args),
         Command::Key(command) => key::run(&paths, command).map(|()| ExitCode::SUCCESS),
-        Command::Policy(command) => policy::run(&command),
+        Command::Policy(command) => policy::run(&paths, &command),
         Command::Other(words) => Ok(unavailable(&words)),
     }
 }
@@ -73,7 +75,6 @@ const PLANNED: &[(&str, &str)] = &[
     ("pause", "pause uploads"),
     ("resume", "resume uploads"),
     ("backup-now", "ask the daemon for a backup now"),
-    ("explain", "say which network policy applies now and why"),
     ("report", "cap reports per network"),
 ];
 

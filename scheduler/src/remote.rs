@@ -5,7 +5,7 @@ use anyhow::{Context, bail};
 use homing_crypto::{KeyRing, ObjectId, ObjectKind};
 use homing_transfer::client::{self, ClientError, Connection};
 use homing_transfer::open_object;
-use homing_transfer::stream::{Rate, Unmetered};
+use homing_transfer::stream::{Meter, Rate, Unmetered};
 use redb::Database;
 
 use crate::config::StoreConfig;
@@ -32,6 +32,19 @@ impl Remote {
     /// # Errors
     /// Unreadable credentials, an unreachable store, a refused certificate.
     pub fn connect(store: &StoreConfig) -> anyhow::Result<Self> {
+        Self::connect_metered(store, std::sync::Arc::new(Unmetered), Rate::unlimited())
+    }
+
+    /// Connects with every byte charged to `meter` and limited to `rate`.
+    ///
+    /// # Errors
+    /// As [`Remote::connect`]; a store that cannot be reached at all is a
+    /// [`StoreUnreachable`].
+    pub fn connect_metered(
+        store: &StoreConfig,
+        meter: std::sync::Arc<dyn Meter>,
+        rate: Rate,
+    ) -> anyhow::Result<Self> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -42,8 +55,8 @@ impl Remote {
                 &store.address,
                 &store.server_name,
                 tls,
-                std::sync::Arc::new(Unmetered),
-                Rate::unlimited(),
+                meter,
+                rate,
             ))
             .map_err(|error| explain_connect(error, store))?;
         Ok(Self {
@@ -94,7 +107,27 @@ impl Remote {
     }
 }
 
+/// The store cannot be reached from here now (refused, unreachable, timed out):
+/// a roaming laptop's normal state, not a fault.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct StoreUnreachable(String);
+
 fn explain_connect(error: ClientError, store: &StoreConfig) -> anyhow::Error {
+    use std::io::ErrorKind;
+    let unreachable = match &error {
+        ClientError::Timeout => true,
+        ClientError::Io(e) => matches!(
+            e.kind(),
+            ErrorKind::ConnectionRefused
+                | ErrorKind::TimedOut
+                | ErrorKind::HostUnreachable
+                | ErrorKind::NetworkUnreachable
+                | ErrorKind::AddrNotAvailable
+                | ErrorKind::NotFound
+        ),
+        _ => false,
+    };
     let hint = match &error {
         ClientError::Credentials { .. } => "",
         ClientError::Closed => {
@@ -105,11 +138,15 @@ fn explain_connect(error: ClientError, store: &StoreConfig) -> anyhow::Error {
         }
         _ => "",
     };
-    anyhow::anyhow!(
+    let message = format!(
         "cannot reach the store at {} ({}): {error}{hint}",
-        store.address,
-        store.server_name
-    )
+        store.address, store.server_name
+    );
+    if unreachable {
+        anyhow::Error::new(StoreUnreachable(message))
+    } else {
+        anyhow::anyhow!(message)
+    }
 }
 
 /// The store's head and its sequence number in this client's chain, after

@@ -1102,3 +1102,69 @@ fn every_snapshot_carries_every_set_so_retention_keeps_them_all() {
         stderr(&unknown)
     );
 }
+
+#[test]
+fn a_link_policy_caps_what_a_backup_sends_and_the_rest_waits_in_the_spool() {
+    let rig = Rig::new("0");
+    let src = rig.dir("src");
+    fs::write(src.join("big.bin"), bytes(42, 2 << 20, false)).unwrap();
+    let state = describe(&src);
+    // The store is on this machine; a policy that names the loopback interface
+    // applies to it (otherwise the loopback link has no cap).
+    let policies = rig.config.join("policies");
+    fs::create_dir(&policies).unwrap();
+    fs::write(
+        policies.join("tiny.toml"),
+        "[match]\ninterface = \"lo\"\n\n[budget]\nbytes = \"400 kB\"\nperiod = \"day\"\n",
+    )
+    .unwrap();
+    let first = rig.backup_output(&[&src]);
+    assert_eq!(first.status.code(), Some(3), "{}", stderr(&first));
+    assert!(
+        stderr(&first).contains("data budget of this network is spent"),
+        "{}",
+        stderr(&first)
+    );
+    let info = |rig: &Rig| -> serde_json::Value {
+        serde_json::from_str(&store_cmd(&[
+            "account",
+            "info",
+            "laptop",
+            "--store",
+            rig.store.to_str().unwrap(),
+            "--json",
+        ]))
+        .unwrap()
+    };
+    // What the store holds came through the cap (the TLS handshake and framing
+    // were charged too).
+    let stored = info(&rig)["used"].as_u64().unwrap();
+    assert!(stored < 380_000, "{stored}");
+    assert!(stored > 100_000, "{stored}");
+    assert_eq!(info(&rig)["snapshots"], 0);
+    // The budget is spent for the day: the next run seals nothing new, sends
+    // nothing, and says why.
+    let second = rig.backup_output(&[&src]);
+    assert_eq!(second.status.code(), Some(3), "{}", stderr(&second));
+    assert!(
+        stderr(&second).contains("budget is spent"),
+        "{}",
+        stderr(&second)
+    );
+    let summary = summary(&second);
+    assert_eq!(summary["bytes_read"], 0, "{summary}");
+    assert_eq!(summary["queued"], true, "{summary}");
+    assert_eq!(info(&rig)["used"].as_u64().unwrap(), stored);
+    // Another link (no policy): the rest goes, the cut object resumes, and the
+    // snapshot restores whole.
+    fs::remove_dir_all(&policies).unwrap();
+    let done = rig.backup(&[&src]);
+    assert_eq!(done["bytes_read"], 0, "{done}");
+    assert!(
+        done["bytes_uploaded"].as_u64().unwrap() < (2 << 20) - 100_000,
+        "{done}"
+    );
+    let target = rig.dir("target");
+    assert!(rig.restore("latest", &target).status.success());
+    assert_same(&state, &describe(&restored(&target, &src)));
+}

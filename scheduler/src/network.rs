@@ -1,0 +1,259 @@
+//! What can be seen of the link to the store, for the policy engine: the
+//! interface whose route reaches the store, its kind and addresses, and the
+//! gateway's MAC address.
+//!
+//! This is the portable snapshot the daemon's watcher refreshes on every event:
+//! interface addresses come from `getifaddrs` (nix) everywhere; the route, the
+//! kind and the gateway's MAC come from the kernel's tables on Linux
+//! (`/proc/net/route`, `/sys/class/net`, `/proc/net/arp`) and are left unknown
+//! elsewhere. Wi-Fi names and NetworkManager's metered flag need D-Bus and come
+//! with the daemon.
+
+use std::net::{IpAddr, ToSocketAddrs};
+
+use homing_policy::Observation;
+
+/// The link to `store` (`host:port`), as far as it can be seen. `None` when the
+/// store's name does not resolve.
+pub fn observe(store: &str) -> Option<Link> {
+    let target = store.to_socket_addrs().ok()?.next()?.ip();
+    if target.is_loopback() {
+        return Some(Link {
+            observation: Observation {
+                interface: loopback_name(),
+                ..Observation::default()
+            },
+            loopback: true,
+        });
+    }
+    let route = platform::route_to(target);
+    let interface = route
+        .as_ref()
+        .map(|r| r.interface.clone())
+        .or_else(first_interface)
+        .unwrap_or_default();
+    let addresses = addresses_of(&interface);
+    let gateway_mac = route
+        .as_ref()
+        .and_then(|r| r.gateway)
+        .and_then(platform::mac_of);
+    Some(Link {
+        observation: Observation {
+            kind: platform::kind_of(&interface),
+            interface,
+            addresses,
+            gateway_mac,
+            ..Observation::default()
+        },
+        loopback: false,
+    })
+}
+
+/// The link to the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Link {
+    /// What the policies match against.
+    pub observation: Observation,
+    /// The store is on this machine: no link is used.
+    pub loopback: bool,
+}
+
+/// A route's interface and gateway.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// The interface.
+    pub interface: String,
+    /// The gateway, for routes that have one.
+    pub gateway: Option<IpAddr>,
+}
+
+fn loopback_name() -> String {
+    if cfg!(target_os = "linux") {
+        "lo"
+    } else {
+        "lo0"
+    }
+    .to_string()
+}
+
+fn addresses_of(interface: &str) -> Vec<IpAddr> {
+    let Ok(addresses) = nix::ifaddrs::getifaddrs() else {
+        return Vec::new();
+    };
+    addresses
+        .filter(|a| a.interface_name == interface)
+        .filter_map(|a| {
+            let address = a.address?;
+            if let Some(v4) = address.as_sockaddr_in() {
+                Some(IpAddr::V4(v4.ip()))
+            } else {
+                address.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
+            }
+        })
+        .collect()
+}
+
+/// Where the kernel's tables are not read: the first interface that is up, is
+/// not a loopback, and has an address.
+fn first_interface() -> Option<String> {
+    use nix::net::if_::InterfaceFlags;
+    nix::ifaddrs::getifaddrs()
+        .ok()?
+        .find(|a| {
+            a.flags.contains(InterfaceFlags::IFF_UP)
+                && !a.flags.contains(InterfaceFlags::IFF_LOOPBACK)
+                && a.address.is_some_and(|s| s.as_sockaddr_in().is_some())
+        })
+        .map(|a| a.interface_name)
+}
+
+#[cfg(target_os = "linux")]
+mod platform {
+    //! Linux: the kernel's routing table, sysfs and the ARP table.
+
+    use std::net::{IpAddr, Ipv4Addr};
+
+    use homing_policy::LinkKind;
+
+    use super::Route;
+
+    /// The most specific IPv4 route to `target` in `/proc/net/route`.
+    pub(super) fn route_to(target: IpAddr) -> Option<Route> {
+        let table = std::fs::read_to_string("/proc/net/route").ok()?;
+        parse_route(&table, target)
+    }
+
+    pub(super) fn parse_route(table: &str, target: IpAddr) -> Option<Route> {
+        let IpAddr::V4(target) = target else {
+            // IPv6 routes (/proc/net/ipv6_route) come with the watcher; the
+            // default IPv4 route's interface is the best guess meanwhile.
+            return parse_route(table, IpAddr::V4(Ipv4Addr::new(8, 8, 8, 8)));
+        };
+        // The kernel prints each address, a big-endian __be32, as a host-order
+        // integer: its bytes in host order are the address's bytes.
+        #[expect(
+            clippy::host_endian_bytes,
+            reason = "the kernel's table is host-endian"
+        )]
+        let hex = |s: &str| {
+            u32::from_str_radix(s, 16)
+                .ok()
+                .map(|v| u32::from_be_bytes(v.to_ne_bytes()))
+        };
+        let mut best: Option<(u32, Route)> = None;
+        for line in table.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.len() < 8 {
+                continue;
+            }
+            let (Some(destination), Some(gateway), Some(mask)) =
+                (hex(fields[1]), hex(fields[2]), hex(fields[7]))
+            else {
+                continue;
+            };
+            if u32::from(target) & mask != destination & mask {
+                continue;
+            }
+            if best
+                .as_ref()
+                .is_some_and(|(m, _)| m.count_ones() >= mask.count_ones())
+            {
+                continue;
+            }
+            let route = Route {
+                interface: fields[0].to_string(),
+                gateway: (gateway != 0).then(|| IpAddr::V4(Ipv4Addr::from(gateway))),
+            };
+            best = Some((mask, route));
+        }
+        best.map(|(_, route)| route)
+    }
+
+    /// An interface's kind, from sysfs.
+    pub(super) fn kind_of(interface: &str) -> Option<LinkKind> {
+        if interface.is_empty() {
+            return None;
+        }
+        let base = std::path::Path::new("/sys/class/net").join(interface);
+        if base.join("wireless").exists() {
+            return Some(LinkKind::Wifi);
+        }
+        let uevent = std::fs::read_to_string(base.join("uevent")).unwrap_or_default();
+        if uevent.lines().any(|l| l == "DEVTYPE=wwan") {
+            return Some(LinkKind::Wwan);
+        }
+        let kind: u32 = std::fs::read_to_string(base.join("type"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        // ARPHRD_* from <linux/if_arp.h>.
+        match kind {
+            1 => Some(LinkKind::Ethernet),
+            3 => Some(LinkKind::Radio),
+            512 => Some(LinkKind::Ppp),
+            65534 => Some(LinkKind::Tun),
+            _ => None,
+        }
+    }
+
+    /// The MAC address of `address` from the ARP table (lower-case).
+    pub(super) fn mac_of(address: IpAddr) -> Option<String> {
+        let table = std::fs::read_to_string("/proc/net/arp").ok()?;
+        let wanted = address.to_string();
+        table.lines().skip(1).find_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            (fields.len() >= 4 && fields[0] == wanted && fields[3] != "00:00:00:00:00:00")
+                .then(|| fields[3].to_ascii_lowercase())
+        })
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        const TABLE: &str =
+            "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT
+wlan0\t00000000\t0101A8C0\t0003\t0\t0\t600\t00000000\t0\t0\t0
+wlan0\t0001A8C0\t00000000\t0001\t0\t0\t600\t00FFFFFF\t0\t0\t0
+tun0\t0000000A\t00000000\t0001\t0\t0\t0\t000000FF\t0\t0\t0
+";
+
+        #[test]
+        fn the_most_specific_route_wins() {
+            let home = parse_route(TABLE, "10.1.2.3".parse().unwrap()).unwrap();
+            assert_eq!(home.interface, "tun0");
+            assert_eq!(home.gateway, None);
+            let lan = parse_route(TABLE, "192.168.1.20".parse().unwrap()).unwrap();
+            assert_eq!(lan.interface, "wlan0");
+            assert_eq!(lan.gateway, None);
+            let away = parse_route(TABLE, "203.0.113.7".parse().unwrap()).unwrap();
+            assert_eq!(away.interface, "wlan0");
+            assert_eq!(away.gateway, Some("192.168.1.1".parse().unwrap()));
+        }
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+mod platform {
+    //! Elsewhere: no routing table is read yet (the watcher brings a routing
+    //! socket); the first interface that is up stands for the link.
+
+    use std::net::IpAddr;
+
+    use homing_policy::LinkKind;
+
+    use super::Route;
+
+    pub(super) fn route_to(_target: IpAddr) -> Option<Route> {
+        None
+    }
+
+    pub(super) fn kind_of(_interface: &str) -> Option<LinkKind> {
+        None
+    }
+
+    pub(super) fn mac_of(_address: IpAddr) -> Option<String> {
+        None
+    }
+}

@@ -42,6 +42,12 @@ pub enum Command {
     /// Check that a snapshot is complete in the store; --read-data fetches and
     /// authenticates every object.
     Verify(VerifyArgs),
+    /// Stop carrying a backup set in new snapshots (after it was removed from the
+    /// configuration); retention then frees its data.
+    ForgetSet {
+        /// The set.
+        name: String,
+    },
     /// Network policies: check files, explain which applies now.
     #[command(subcommand)]
     Policy(PolicyCommand),

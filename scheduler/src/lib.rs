@@ -61,6 +61,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Verify(args) => commands::verify(&paths, &args),
         Command::Key(command) => key::run(&paths, command).map(|()| ExitCode::SUCCESS),
         Command::Policy(command) => policy::run(&paths, &command),
+        Command::ForgetSet { name } => setup::forget_set(&paths, &name),
         Command::Other(words) => Ok(unavailable(&words)),
     }
 }

@@ -49,6 +49,14 @@ impl Remote {
             .enable_all()
             .build()
             .context("cannot start the network runtime")?;
+        if !store.certificate.exists() && store.key.exists() {
+            bail!(
+                "this client has its key but no certificate yet ({} is missing): have the \
+                 request from `homing init --csr` signed with `homing-store ca sign`, then run \
+                 `homing enroll --cert PREFIX.crt --ca PREFIX-ca.crt`",
+                store.certificate.display()
+            );
+        }
         let tls = client::tls_config(&store.ca, &store.certificate, &store.key)?;
         let connection = runtime
             .block_on(Connection::connect(
@@ -198,14 +206,33 @@ pub fn checked_head(
                 at = (known_id, known_sequence, None);
                 break;
             }
-            let earlier = remote.manifest(keys, previous).with_context(|| {
-                format!(
-                    "cannot tell whether the store's history contains snapshot {known_id} \
-                     (number {known_sequence}), which this client saw: snapshot {previous} \
-                     between them is gone (retention?). If the store is the one you trust, \
-                     remove the state directory's state.redb to accept its history."
-                )
-            })?;
+            let earlier = match remote.manifest(keys, previous) {
+                Ok(earlier) => earlier,
+                Err(error)
+                    if error.chain().any(|cause| {
+                        matches!(
+                            cause.downcast_ref::<ClientError>(),
+                            Some(ClientError::Refused {
+                                error: homing_transfer::proto::WireError::ObjectMissing { .. },
+                                ..
+                            })
+                        )
+                    }) =>
+                {
+                    bail!(
+                        "cannot tell whether the store's history contains snapshot {known_id} \
+                         (number {known_sequence}), which this client saw: snapshot {previous} \
+                         between them is no longer in the store (retention?). If the store is \
+                         the one you trust, remove the state directory's state.redb to accept \
+                         its history."
+                    );
+                }
+                Err(error) => {
+                    return Err(error.context(format!(
+                        "cannot check the store's history back to snapshot {known_id}"
+                    )));
+                }
+            };
             at = (previous, earlier.sequence, earlier.previous);
         }
         if at.1 == known_sequence && at.0 != known_id {

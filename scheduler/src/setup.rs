@@ -125,7 +125,24 @@ pub fn init(paths: &Paths, args: InitArgs) -> anyhow::Result<ExitCode> {
 fn make_request(dir: &Path, out: &Path) -> anyhow::Result<PathBuf> {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt;
-    let key = rcgen::KeyPair::generate().context("cannot make a key")?;
+    // A key made by an earlier, interrupted `init --csr` is used again: a request
+    // for it may be on its way to the CA already.
+    let key_path = dir.join("client.key");
+    let existing = match std::fs::read_to_string(&key_path) {
+        Ok(pem) => Some(
+            rcgen::KeyPair::from_pem(&pem)
+                .with_context(|| format!("{} is not a private key", key_path.display()))?,
+        ),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => None,
+        Err(error) => {
+            return Err(error).with_context(|| format!("cannot read {}", key_path.display()));
+        }
+    };
+    let made = existing.is_none();
+    let key = match existing {
+        Some(key) => key,
+        None => rcgen::KeyPair::generate().context("cannot make a key")?,
+    };
     let mut params = rcgen::CertificateParams::new(Vec::<String>::new())
         .context("cannot make a certificate request")?;
     // The CA ignores the subject (the account is the operator's word); this only
@@ -141,15 +158,16 @@ fn make_request(dir: &Path, out: &Path) -> anyhow::Result<PathBuf> {
         .serialize_request(&key)
         .and_then(|r| r.pem())
         .context("cannot make a certificate request")?;
-    let key_path = dir.join("client.key");
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&key_path)
-        .with_context(|| format!("cannot create {} (does it exist?)", key_path.display()))?;
-    file.write_all(key.serialize_pem().as_bytes())
-        .with_context(|| format!("cannot write {}", key_path.display()))?;
+    if made {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&key_path)
+            .with_context(|| format!("cannot create {}", key_path.display()))?;
+        file.write_all(key.serialize_pem().as_bytes())
+            .with_context(|| format!("cannot write {}", key_path.display()))?;
+    }
     std::fs::write(out, request).with_context(|| format!("cannot write {}", out.display()))?;
     Ok(out.to_path_buf())
 }
@@ -464,4 +482,47 @@ fn ensure_server(binary: &Path, store_dir: &Path, address: &str) -> anyhow::Resu
     std::fs::write(&pid_file, format!("{pid}\n"))?;
     println!("Started the store server on {address} (pid {pid}).");
     Ok(pid)
+}
+
+/// `homing forget-set NAME`: new snapshots stop carrying the set. Its reference
+/// tables and index go, and the next commit sends a whole list (without the set's
+/// ids), so that the store's spans of them close and retention can free them.
+///
+/// # Errors
+/// A set this client never committed; database errors.
+pub fn forget_set(paths: &Paths, name: &str) -> anyhow::Result<ExitCode> {
+    let db = crate::state::open(&paths.state)?;
+    let heads = crate::state::set_heads(&db)?;
+    if !heads.contains_key(name) {
+        let known: Vec<&str> = heads.keys().map(String::as_str).collect();
+        bail!(
+            "no set `{name}` was ever backed up by this client (it has: {})",
+            if known.is_empty() {
+                "none".to_string()
+            } else {
+                known.join(", ")
+            }
+        );
+    }
+    let txn = db.begin_write()?;
+    txn.open_table(crate::state::SETS)?.remove(name)?;
+    for table in [0, 1] {
+        let table_name = crate::state::refs_table_name(name, table);
+        txn.delete_table(crate::state::refs_table(&table_name))?;
+    }
+    let index = crate::state::index_name(name);
+    txn.delete_table(crate::state::index_table(&index))?;
+    crate::state::set_refs_head(&txn, None)?;
+    txn.commit()?;
+    println!(
+        "Set `{name}` is forgotten: the next snapshot no longer carries it, and once \
+         retention drops the snapshots that do, the store frees its data."
+    );
+    if Config::load(&paths.config).is_ok_and(|c| c.sets.iter().any(|s| s.name == name)) {
+        println!(
+            "It is still in {}: remove it there, or the next backup makes it again.",
+            paths.config.join(FILE_NAME).display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }

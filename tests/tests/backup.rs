@@ -963,6 +963,11 @@ fn an_air_gapped_client_keeps_its_key_and_enrolls_with_a_signed_certificate() {
     // A backup before enrolment says what is missing.
     let early = homing(&laptop, &["backup", rig.home.path().to_str().unwrap()]);
     assert!(!early.status.success());
+    assert!(
+        stderr(&early).contains("homing enroll"),
+        "{}",
+        stderr(&early)
+    );
 
     let store = rig.store.to_str().unwrap();
     store_cmd(&["account", "add", "second", "--store", store]);
@@ -1100,6 +1105,27 @@ fn every_snapshot_carries_every_set_so_retention_keeps_them_all() {
         stderr(&unknown).contains("no set `videos`"),
         "{}",
         stderr(&unknown)
+    );
+
+    // Music leaves the configuration and is forgotten: new snapshots no longer
+    // carry it.
+    let config = fs::read_to_string(rig.config.join("config.toml")).unwrap();
+    let at = config.find("[[set]]\nname = \"music\"").unwrap();
+    fs::write(rig.config.join("config.toml"), &config[..at]).unwrap();
+    ok(rig.homing(&["forget-set", "music"]));
+    let out = rig.homing(&["backup", "--set", "docs", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let gone = rig.homing(&["ls", "latest", "--set", "music"]);
+    assert!(
+        stderr(&gone).contains("no set `music`"),
+        "{}",
+        stderr(&gone)
+    );
+    let again = rig.homing(&["forget-set", "music"]);
+    assert!(
+        stderr(&again).contains("no set `music` was ever"),
+        "{}",
+        stderr(&again)
     );
 }
 

@@ -126,7 +126,13 @@ pub fn backup(paths: &Paths, args: &BackupArgs) -> anyhow::Result<ExitCode> {
             )?),
             None => std::sync::Arc::new(homing_transfer::stream::Unmetered),
         };
-        match Remote::connect_metered(&config.store, meter, rate) {
+        // Under a cap, the kernel may hold only a little of what was charged.
+        let send_buffer = plan
+            .policy
+            .as_ref()
+            .and_then(|p| p.budget.as_ref())
+            .map(|_| SEND_BUFFER_UNDER_CAP);
+        match Remote::connect_metered(&config.store, meter, rate, send_buffer) {
             Ok(connected) => remote = Some(connected),
             // A roaming laptop away from any way home: seal now, send later.
             Err(error) if error.downcast_ref::<StoreUnreachable>().is_some() => {
@@ -211,6 +217,9 @@ pub fn backup(paths: &Paths, args: &BackupArgs) -> anyhow::Result<ExitCode> {
         ExitCode::SUCCESS
     })
 }
+
+/// The socket send buffer on a capped link (the kernel doubles it).
+const SEND_BUFFER_UNDER_CAP: u32 = 16 * 1024;
 
 /// What the link's policy says about a set of `priority` now.
 fn decide_for(

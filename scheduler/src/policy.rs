@@ -79,8 +79,12 @@ fn explain(paths: &crate::paths::Paths, json: bool) -> anyhow::Result<ExitCode> 
         classes.push((class, decision));
     }
     if json {
+        let budget = plan.policy.as_ref().and_then(|p| p.budget.as_ref());
         let out = serde_json::json!({
             "network": plan.network,
+            "cap": budget.map(|b| b.bytes),
+            "allowance": budget.map(homing_policy::Budget::allowance),
+            "spent": budget.map(|b| ledger.spent(b, now)),
             "policy": plan.policy.as_ref().map(|p| p.name.clone()),
             "why": plan.why,
             "on_battery": battery,

@@ -32,7 +32,12 @@ impl Remote {
     /// # Errors
     /// Unreadable credentials, an unreachable store, a refused certificate.
     pub fn connect(store: &StoreConfig) -> anyhow::Result<Self> {
-        Self::connect_metered(store, std::sync::Arc::new(Unmetered), Rate::unlimited())
+        Self::connect_metered(
+            store,
+            std::sync::Arc::new(Unmetered),
+            Rate::unlimited(),
+            None,
+        )
     }
 
     /// Connects with every byte charged to `meter` and limited to `rate`.
@@ -44,6 +49,7 @@ impl Remote {
         store: &StoreConfig,
         meter: std::sync::Arc<dyn Meter>,
         rate: Rate,
+        send_buffer: Option<u32>,
     ) -> anyhow::Result<Self> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -59,12 +65,13 @@ impl Remote {
         }
         let tls = client::tls_config(&store.ca, &store.certificate, &store.key)?;
         let connection = runtime
-            .block_on(Connection::connect(
+            .block_on(Connection::connect_with_send_buffer(
                 &store.address,
                 &store.server_name,
                 tls,
                 meter,
                 rate,
+                send_buffer,
             ))
             .map_err(|error| explain_connect(error, store))?;
         Ok(Self {

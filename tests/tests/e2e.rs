@@ -5,6 +5,7 @@
 
 mod backup;
 mod key;
+mod link;
 mod policy;
 mod serve;
 mod store;

@@ -232,7 +232,54 @@ impl Connection {
         meter: Arc<dyn Meter>,
         rate: Rate,
     ) -> Result<Self, ClientError> {
-        let tcp = TcpStream::connect(address).await?;
+        Self::connect_with_send_buffer(address, server_name, tls, meter, rate, None).await
+    }
+
+    /// [`Connection::connect`] with the socket's send buffer set to `send_buffer`
+    /// bytes: on a capped link the meter charges what the kernel accepts, so a
+    /// small buffer keeps what is charged close to what has left (a cut or a
+    /// spent budget then strands little in the buffer).
+    ///
+    /// # Errors
+    /// As [`Connection::connect`].
+    pub async fn connect_with_send_buffer(
+        address: &str,
+        server_name: &str,
+        tls: Arc<rustls::ClientConfig>,
+        meter: Arc<dyn Meter>,
+        rate: Rate,
+        send_buffer: Option<u32>,
+    ) -> Result<Self, ClientError> {
+        let mut last = None;
+        let mut tcp = None;
+        for target in tokio::net::lookup_host(address).await? {
+            let socket = if target.is_ipv4() {
+                tokio::net::TcpSocket::new_v4()?
+            } else {
+                tokio::net::TcpSocket::new_v6()?
+            };
+            if let Some(bytes) = send_buffer {
+                socket.set_send_buffer_size(bytes)?;
+            }
+            match socket.connect(target).await {
+                Ok(stream) => {
+                    tcp = Some(stream);
+                    break;
+                }
+                Err(error) => last = Some(error),
+            }
+        }
+        let tcp: TcpStream = match tcp {
+            Some(tcp) => tcp,
+            None => {
+                return Err(ClientError::Io(last.unwrap_or_else(|| {
+                    io::Error::new(
+                        io::ErrorKind::NotFound,
+                        format!("`{address}` resolves to no address"),
+                    )
+                })));
+            }
+        };
         tcp.set_nodelay(true)?;
         let metered = MeteredStream::new(tcp, meter, rate);
         let traffic = metered.traffic();

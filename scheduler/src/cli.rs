@@ -48,6 +48,16 @@ pub enum Command {
         /// The set.
         name: String,
     },
+    /// Cap reports: per network, the cap, what was spent, what is queued and
+    /// when it drains, and the last days' traffic.
+    Report {
+        /// Days of history.
+        #[arg(long, default_value_t = 14)]
+        days: u32,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Network policies: check files, explain which applies now.
     #[command(subcommand)]
     Policy(PolicyCommand),

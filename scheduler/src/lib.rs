@@ -12,6 +12,7 @@
 //! - [`tree`]: trees, chunk lists and manifests (the plaintext of snapshots);
 //! - [`backup`]: scan, seal into the spool, upload, commit;
 //! - [`restore`]: snapshots, ls, restore, verify;
+//! - [`report`]: `homing report`, cap reports per network;
 //! - [`remote`]: the connection to the store and the rollback checks;
 //! - [`commands`]: the commands that talk to the store, as the CLI runs them;
 //! - [`policy`]: `homing policy check`, network policies through `homing-policy`;
@@ -32,6 +33,7 @@ pub mod network;
 pub mod paths;
 pub mod policy;
 pub mod remote;
+pub mod report;
 pub mod restore;
 pub mod setup;
 pub mod state;
@@ -62,6 +64,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Key(command) => key::run(&paths, command).map(|()| ExitCode::SUCCESS),
         Command::Policy(command) => policy::run(&paths, &command),
         Command::ForgetSet { name } => setup::forget_set(&paths, &name),
+        Command::Report { days, json } => report::run(&paths, days, json),
         Command::Other(words) => Ok(unavailable(&words)),
     }
 }
@@ -76,7 +79,6 @@ const PLANNED: &[(&str, &str)] = &[
     ("pause", "pause uploads"),
     ("resume", "resume uploads"),
     ("backup-now", "ask the daemon for a backup now"),
-    ("report", "cap reports per network"),
 ];
 
 fn unavailable(words: &[std::ffi::OsString]) -> ExitCode {

@@ -1168,6 +1168,26 @@ fn a_link_policy_caps_what_a_backup_sends_and_the_rest_waits_in_the_spool() {
     assert!(stored < 380_000, "{stored}");
     assert!(stored > 100_000, "{stored}");
     assert_eq!(info(&rig)["snapshots"], 0);
+    // The cap report shows the network, what it spent, and the queue.
+    let report: serde_json::Value =
+        serde_json::from_str(&ok(rig.homing(&["report", "--json"]))).unwrap();
+    let tiny = report["networks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["network"] == "tiny")
+        .unwrap_or_else(|| panic!("{report}"));
+    assert_eq!(tiny["cap"], 400_000);
+    assert!(tiny["spent"].as_u64().unwrap() > 300_000, "{tiny}");
+    // Within the cap; past the allowance only by what was received after the
+    // last reservation (received bytes cannot be refused: the margin is for them).
+    assert!(tiny["spent"].as_u64().unwrap() <= 400_000, "{tiny}");
+    assert!(
+        report["queued_bytes"].as_u64().unwrap() > 1 << 20,
+        "{report}"
+    );
+    let text = ok(rig.homing(&["report"]));
+    assert!(text.contains("tiny") && text.contains("queued"), "{text}");
     // The budget is spent for the day: the next run seals nothing new, sends
     // nothing, and says why.
     let second = rig.backup_output(&[&src]);

@@ -9,7 +9,7 @@ use super::{homing, stderr};
 #[test]
 fn planned_client_commands_exit_2_and_say_so() {
     let home = tempfile::tempdir().unwrap();
-    for command in ["daemon", "status", "pause", "report"] {
+    for command in ["daemon", "status", "pause", "backup-now"] {
         let result = homing(home.path(), &[command]);
         assert_eq!(result.status.code(), Some(2), "{command}");
         assert!(

@@ -48,6 +48,28 @@ pub enum Command {
         /// The set.
         name: String,
     },
+    /// Run in the background: back up every set on a schedule and when the link
+    /// changes, as each network's policy allows.
+    Daemon {
+        /// Minutes between scheduled runs.
+        #[arg(long, default_value_t = 60)]
+        interval_minutes: u64,
+        /// Unlocking the key (the daemon cannot ask).
+        #[command(flatten)]
+        unlock: Unlock,
+    },
+    /// What the daemon is doing.
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ask the daemon to stop uploading until `homing resume`.
+    Pause,
+    /// Ask the daemon to go on (and run now).
+    Resume,
+    /// Ask the daemon to run now.
+    BackupNow,
     /// Cap reports: per network, the cap, what was spent, what is queued and
     /// when it drains, and the last days' traffic.
     Report {

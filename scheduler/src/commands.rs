@@ -97,6 +97,91 @@ pub fn backup(paths: &Paths, args: &BackupArgs) -> anyhow::Result<ExitCode> {
             one_file_system: configured.is_some_and(|s| s.one_file_system),
         }]
     };
+    let progress = !args.json && std::io::stderr().is_terminal();
+    let outcomes = backup_sets(paths, &config, &keys, &db, &sets, progress)?;
+    let mut summaries: Vec<&Summary> = Vec::new();
+    let (mut failed, mut waiting) = (0, 0);
+    for outcome in &outcomes {
+        match &outcome.result {
+            SetResult::Done(summary) => {
+                if !args.json {
+                    print!("{}", summary.to_text());
+                }
+                summaries.push(summary);
+            }
+            SetResult::Queued { why, summary } => {
+                eprintln!("homing: set `{}` is not uploaded now: {why}", outcome.set);
+                waiting += 1;
+                if let Some(summary) = summary {
+                    if !args.json {
+                        print!("{}", summary.to_text());
+                    }
+                    summaries.push(summary);
+                }
+            }
+            SetResult::Failed(error) => {
+                eprintln!(
+                    "homing: error: backup of set `{}` failed: {error}",
+                    outcome.set
+                );
+                failed += 1;
+            }
+        }
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&summaries)?);
+    }
+    if failed > 0 {
+        bail!("{failed} of {} backup sets failed (see above)", sets.len());
+    }
+    let incomplete = waiting > 0 || summaries.iter().any(|s| s.unreadable > 0 || s.queued);
+    Ok(if incomplete {
+        ExitCode::from(EXIT_INCOMPLETE)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// How one set's backup ended.
+#[derive(Debug, serde::Serialize)]
+pub struct SetOutcome {
+    /// The set.
+    pub set: String,
+    /// What happened.
+    pub result: SetResult,
+}
+
+/// What happened to a set.
+#[derive(Debug, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SetResult {
+    /// Backed up and committed.
+    Done(Summary),
+    /// Sealed into the spool (all or part of it) and not committed: the link's
+    /// policy or budget, or the store's absence, stopped the upload.
+    Queued {
+        /// Why.
+        why: String,
+        /// The scan's figures, when the scan ran to the end.
+        summary: Option<Summary>,
+    },
+    /// Failed (the others went on).
+    Failed(String),
+}
+
+/// Backs up `sets` as the link's policy allows: the engine of `homing backup` and
+/// of the daemon's runs.
+///
+/// # Errors
+/// Bad policy files and database errors; a set's own failure is its outcome.
+pub fn backup_sets(
+    paths: &Paths,
+    config: &Config,
+    keys: &homing_crypto::KeyRing,
+    db: &std::sync::Arc<redb::Database>,
+    sets: &[BackupSet],
+    progress: bool,
+) -> anyhow::Result<Vec<SetOutcome>> {
     let host = nix::unistd::gethostname()
         .map(|h| h.to_string_lossy().into_owned())
         .unwrap_or_default();
@@ -107,7 +192,7 @@ pub fn backup(paths: &Paths, args: &BackupArgs) -> anyhow::Result<ExitCode> {
     let battery = policy::on_battery();
     let decisions: Vec<homing_policy::Decision> = sets
         .iter()
-        .map(|set| decide_for(&plan, &db, set.priority, now, battery))
+        .map(|set| decide_for(&plan, db, set.priority, now, battery))
         .collect::<anyhow::Result<_>>()?;
     let mut remote = None;
     let mut unreachable = None;
@@ -120,7 +205,7 @@ pub fn backup(paths: &Paths, args: &BackupArgs) -> anyhow::Result<ExitCode> {
             .map_or_else(Rate::unlimited, Rate::limited);
         let meter: std::sync::Arc<dyn homing_transfer::stream::Meter> = match &plan.policy {
             Some(policy) => std::sync::Arc::new(LedgerMeter::new(
-                std::sync::Arc::clone(&db),
+                std::sync::Arc::clone(db),
                 &plan.network,
                 policy.clone(),
             )?),
@@ -141,27 +226,20 @@ pub fn backup(paths: &Paths, args: &BackupArgs) -> anyhow::Result<ExitCode> {
             Err(error) => return Err(error),
         }
     }
-    let mut summaries: Vec<Summary> = Vec::new();
-    let mut failed = 0;
-    let mut waiting = 0;
     let spool_limit = config.spool.limit_mib.saturating_mul(1 << 20);
-    let progress = !args.json && std::io::stderr().is_terminal();
+    let mut outcomes = Vec::new();
     for (set, decision) in sets.iter().zip(&decisions) {
-        if !decision.send || unreachable.is_some() {
-            let why = unreachable
+        let held_back = (!decision.send || unreachable.is_some()).then(|| {
+            unreachable
                 .clone()
-                .unwrap_or_else(|| decision.reasons.join("; "));
-            eprintln!(
-                "homing: set `{}` is sealed into the spool and not uploaded now: {why}",
-                set.name
-            );
-        }
+                .unwrap_or_else(|| decision.reasons.join("; "))
+        });
         let upload = decision.send && remote.is_some();
         let mut attempt = || {
             backup::backup(
                 Run {
-                    keys: &keys,
-                    db: &db,
+                    keys,
+                    db,
                     remote: if upload { remote.as_mut() } else { None },
                     spool_limit,
                     skip: vec![paths.state.clone(), paths.config.clone()],
@@ -171,7 +249,7 @@ pub fn backup(paths: &Paths, args: &BackupArgs) -> anyhow::Result<ExitCode> {
                 set,
             )
         };
-        let summary = match attempt() {
+        let result = match attempt() {
             // Once: the caches were wrong and are gone; a second run rebuilds them.
             Err(error) if error.downcast_ref::<backup::CachesReset>().is_some() => {
                 tracing::warn!("{error}; running the backup again");
@@ -180,42 +258,29 @@ pub fn backup(paths: &Paths, args: &BackupArgs) -> anyhow::Result<ExitCode> {
             other => other,
         };
         // A set that fails does not keep the others from their backup.
-        let summary = match summary {
-            Ok(summary) => summary,
-            Err(error) if error.downcast_ref::<backup::BudgetSpent>().is_some() => {
-                eprintln!("homing: set `{}`: {error}", set.name);
-                waiting += 1;
-                continue;
+        let result = match (result, held_back) {
+            (Ok(summary), Some(why)) => SetResult::Queued {
+                why,
+                summary: Some(summary),
+            },
+            (Ok(summary), None) => SetResult::Done(summary),
+            (Err(error), _) if error.downcast_ref::<backup::BudgetSpent>().is_some() => {
+                SetResult::Queued {
+                    why: error.to_string(),
+                    summary: None,
+                }
             }
-            Err(error) => {
-                eprintln!(
-                    "homing: error: backup of set `{}` failed: {error:#}",
-                    set.name
-                );
-                failed += 1;
-                continue;
-            }
+            (Err(error), _) => SetResult::Failed(format!("{error:#}")),
         };
-        if !args.json {
-            print!("{}", summary.to_text());
-        }
-        summaries.push(summary);
+        outcomes.push(SetOutcome {
+            set: set.name.clone(),
+            result,
+        });
     }
     if let Some(remote) = remote {
         remote.close();
     }
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&summaries)?);
-    }
-    if failed > 0 {
-        bail!("{failed} of {} backup sets failed (see above)", sets.len());
-    }
-    let incomplete = waiting > 0 || summaries.iter().any(|s| s.unreadable > 0 || s.queued);
-    Ok(if incomplete {
-        ExitCode::from(EXIT_INCOMPLETE)
-    } else {
-        ExitCode::SUCCESS
-    })
+    Ok(outcomes)
 }
 
 /// The socket send buffer on a capped link (the kernel doubles it).

@@ -14,18 +14,21 @@
 //! - [`restore`]: snapshots, ls, restore, verify;
 //! - [`report`]: `homing report`, cap reports per network;
 //! - [`remote`]: the connection to the store and the rollback checks;
+//! - [`daemon`]: `homing daemon` and its control socket (`status`, `pause`,
+//!   `resume`, `backup-now`);
 //! - [`commands`]: the commands that talk to the store, as the CLI runs them;
 //! - [`policy`]: `homing policy check`, network policies through `homing-policy`;
 //! - [`logging`]: tracing set-up for the binary.
 //!
-//! Commands that later issues bring (`daemon`, `status`, ...) are recognised and
-//! refused with a clear message and exit code 2, so that a script never mistakes
-//! them for having worked.
+//! Commands of a later release are recognised and refused with a clear message
+//! and exit code 2 (none at the moment), so that a script never mistakes them for
+//! having worked; unknown commands exit 2 as well.
 
 pub mod backup;
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod daemon;
 pub mod key;
 pub mod ledger;
 pub mod logging;
@@ -65,21 +68,24 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Policy(command) => policy::run(&paths, &command),
         Command::ForgetSet { name } => setup::forget_set(&paths, &name),
         Command::Report { days, json } => report::run(&paths, days, json),
+        Command::Daemon {
+            interval_minutes,
+            unlock,
+        } => daemon::run(
+            &paths,
+            std::time::Duration::from_secs(interval_minutes.max(1) * 60),
+            unlock.passphrase_file.as_deref(),
+        ),
+        Command::Status { json } => daemon::control(&paths, "status", json),
+        Command::Pause => daemon::control(&paths, "pause", false),
+        Command::Resume => daemon::control(&paths, "resume", false),
+        Command::BackupNow => daemon::control(&paths, "backup-now", false),
         Command::Other(words) => Ok(unavailable(&words)),
     }
 }
 
 /// Commands that later issues implement.
-const PLANNED: &[(&str, &str)] = &[
-    (
-        "daemon",
-        "run the scheduler, network watcher and release loop",
-    ),
-    ("status", "show what the daemon is doing"),
-    ("pause", "pause uploads"),
-    ("resume", "resume uploads"),
-    ("backup-now", "ask the daemon for a backup now"),
-];
+const PLANNED: &[(&str, &str)] = &[];
 
 fn unavailable(words: &[std::ffi::OsString]) -> ExitCode {
     let name = words

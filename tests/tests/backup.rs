@@ -1214,3 +1214,86 @@ fn a_link_policy_caps_what_a_backup_sends_and_the_rest_waits_in_the_spool() {
     assert!(rig.restore("latest", &target).status.success());
     assert_same(&state, &describe(&restored(&target, &src)));
 }
+
+#[test]
+fn the_daemon_backs_up_on_start_on_request_and_not_while_paused() {
+    let rig = Rig::new("0");
+    let src = rig.dir("src");
+    fs::write(src.join("a.txt"), "first\n").unwrap();
+    let mut config = fs::read_to_string(rig.config.join("config.toml")).unwrap();
+    config.push_str(&format!(
+        "\n[[set]]\nname = \"home\"\npaths = [\"{}\"]\n",
+        src.display()
+    ));
+    fs::write(rig.config.join("config.toml"), config).unwrap();
+    let mut daemon = Command::new(binary("homing"))
+        .arg("--config")
+        .arg(&rig.config)
+        .args(["daemon", "--interval-minutes", "60"])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("the daemon starts");
+    let status = || -> serde_json::Value {
+        let out = rig.homing(&["status", "--json"]);
+        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+    };
+    let wait_for_runs = |runs: u64| -> serde_json::Value {
+        for _ in 0..200 {
+            let now = status();
+            if now["runs"].as_u64().is_some_and(|r| r >= runs) && now["running"] == false {
+                return now;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("the daemon did not finish run {runs}: {}", status());
+    };
+    // It runs once at start.
+    let first = wait_for_runs(1);
+    assert_eq!(first["paused"], false);
+    let snapshot = |status: &serde_json::Value| -> String {
+        status["sets"][0]["result"]["done"]["snapshot"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{status}"))
+            .to_string()
+    };
+    let one = snapshot(&first);
+    // On request.
+    fs::write(src.join("a.txt"), "second\n").unwrap();
+    ok(rig.homing(&["backup-now"]));
+    let second = wait_for_runs(2);
+    assert_ne!(snapshot(&second), one);
+    // Not while paused: the request is refused and nothing runs.
+    ok(rig.homing(&["pause"]));
+    let refused = rig.homing(&["backup-now"]);
+    assert!(!refused.status.success());
+    assert!(stdout(&refused).contains("paused"), "{}", stdout(&refused));
+    std::thread::sleep(Duration::from_secs(6));
+    assert_eq!(status()["runs"], 2);
+    // Resume runs at once.
+    fs::write(src.join("a.txt"), "third\n").unwrap();
+    ok(rig.homing(&["resume"]));
+    let third = wait_for_runs(3);
+    assert_eq!(third["paused"], false);
+    let text = ok(rig.homing(&["status"]));
+    assert!(
+        text.contains("active") && text.contains("home: snapshot"),
+        "{text}"
+    );
+    // SIGTERM stops it, and it takes its socket away.
+    let _ = Command::new("kill")
+        .arg(daemon.id().to_string())
+        .status()
+        .unwrap();
+    let stopped = (0..100).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        daemon.try_wait().unwrap().is_some()
+    });
+    assert!(stopped, "the daemon did not stop on SIGTERM");
+    assert!(!rig.homing(&["status"]).status.success());
+    // Three snapshots, one per run.
+    let list: serde_json::Value =
+        serde_json::from_str(&ok(rig.homing(&["snapshots", "--json"]))).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 3);
+}

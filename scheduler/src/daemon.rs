@@ -1,0 +1,341 @@
+//! `homing daemon`: backs up every configured set on a schedule and whenever the
+//! link to the store changes while something waits in the spool, as each link's
+//! policy allows; and the control socket that `homing status`, `pause`,
+//! `resume` and `backup-now` talk to.
+//!
+//! The schedule runs on the wall clock, checked every few seconds: after a
+//! suspend the daemon runs once on wake, not once per missed interval. Each run
+//! is a `homing backup` of every set (a rescan reads no unchanged file), so a
+//! run after a link change uploads what earlier runs sealed and commits.
+//!
+//! The link is observed by polling the kernel's tables every few seconds; the
+//! event-driven netlink watcher is still to come.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use jiff::{Timestamp, ToSpan};
+use serde::Serialize;
+
+use crate::commands::{SetResult, backup_sets};
+use crate::config::Config;
+use crate::paths::Paths;
+
+/// How often the daemon looks at the clock and the link.
+const TICK: Duration = Duration::from_secs(5);
+
+/// The control socket of a state directory.
+pub fn socket_path(paths: &Paths) -> PathBuf {
+    paths.state.join("control.sock")
+}
+
+/// What the daemon is doing, as `homing status` shows it.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Status {
+    /// Uploads and scheduled runs are paused.
+    pub paused: bool,
+    /// A run is in progress.
+    pub running: bool,
+    /// Runs since the daemon started.
+    pub runs: u64,
+    /// When the last run ended.
+    pub last_run: Option<String>,
+    /// When the next scheduled run is due.
+    pub next_run: Option<String>,
+    /// The network of the last run and why its policy applied.
+    pub network: Option<String>,
+    /// The last run's outcome per set.
+    pub sets: Vec<serde_json::Value>,
+    /// The last run's error, if it could not run at all (bad configuration or
+    /// policies: the daemon keeps going and tries again).
+    pub error: Option<String>,
+}
+
+enum Wake {
+    Now,
+    Stop,
+    Reload,
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+///
+/// # Errors
+/// A control socket that cannot be made, a key that cannot be unlocked.
+pub fn run(
+    paths: &Paths,
+    interval: Duration,
+    passphrase_file: Option<&Path>,
+) -> anyhow::Result<ExitCode> {
+    let master = crate::key::load(&paths.key_file(), passphrase_file)?;
+    let keys = master.key_ring();
+    drop(master);
+    let db = Arc::new(crate::state::open(&paths.state)?);
+    let status = Arc::new(Mutex::new(Status::default()));
+    let (wake, wakes) = std::sync::mpsc::channel();
+    let socket = socket_path(paths);
+    let listener = bind(&socket)?;
+    {
+        let (status, wake) = (Arc::clone(&status), wake.clone());
+        std::thread::spawn(move || serve_control(&listener, &status, &wake));
+    }
+    {
+        let wake = wake.clone();
+        std::thread::spawn(move || watch_signals(&wake));
+    }
+    tracing::info!(socket = %socket.display(), "homing daemon started");
+    let result = main_loop(paths, &keys, &db, interval, &status, &wakes);
+    let _ = std::fs::remove_file(&socket);
+    tracing::info!("homing daemon stopped");
+    result.map(|()| ExitCode::SUCCESS)
+}
+
+fn main_loop(
+    paths: &Paths,
+    keys: &homing_crypto::KeyRing,
+    db: &Arc<redb::Database>,
+    interval: Duration,
+    status: &Arc<Mutex<Status>>,
+    wakes: &Receiver<Wake>,
+) -> anyhow::Result<()> {
+    let interval_span = i64::try_from(interval.as_secs())
+        .unwrap_or(i64::MAX)
+        .seconds();
+    // The first run is at once.
+    let mut next = Timestamp::now();
+    let mut link = None;
+    loop {
+        let forced = match wakes.recv_timeout(TICK) {
+            Ok(Wake::Stop) | Err(RecvTimeoutError::Disconnected) => return Ok(()),
+            Ok(Wake::Reload) => {
+                tracing::info!("reload: the configuration and policies are read at the next run");
+                true
+            }
+            Ok(Wake::Now) => true,
+            Err(RecvTimeoutError::Timeout) => false,
+        };
+        let paused = lock(status).paused;
+        let now = Timestamp::now();
+        let due = now >= next;
+        // A new link with something waiting: its policy may let it go now.
+        let seen = Config::load(&paths.config)
+            .ok()
+            .and_then(|c| crate::network::observe(&c.store.address))
+            .map(|l| l.observation);
+        let link_changed = seen != link;
+        link = seen;
+        let waiting = crate::state::spool_size(db).map_or(0, |(bytes, _)| bytes) > 0;
+        if paused || !(forced || due || (link_changed && waiting)) {
+            continue;
+        }
+        lock(status).running = true;
+        let outcome = run_once(paths, keys, db);
+        let finished = Timestamp::now();
+        if due {
+            next = finished.checked_add(interval_span).unwrap_or(finished);
+        }
+        let mut shown = lock(status);
+        shown.running = false;
+        shown.runs += 1;
+        shown.last_run = Some(finished.to_string());
+        shown.next_run = Some(next.to_string());
+        match outcome {
+            Ok((network, sets)) => {
+                shown.network = Some(network);
+                shown.sets = sets;
+                shown.error = None;
+            }
+            Err(error) => {
+                tracing::error!("the run failed: {error:#}");
+                shown.error = Some(format!("{error:#}"));
+            }
+        }
+    }
+}
+
+fn run_once(
+    paths: &Paths,
+    keys: &homing_crypto::KeyRing,
+    db: &Arc<redb::Database>,
+) -> anyhow::Result<(String, Vec<serde_json::Value>)> {
+    let config = Config::load(&paths.config)?;
+    if config.sets.is_empty() {
+        bail!("no backup sets are configured: add [[set]] sections to config.toml");
+    }
+    let plan = crate::policy::plan(paths, &config.store.address)?;
+    let outcomes = backup_sets(paths, &config, keys, db, &config.sets, false)?;
+    let mut sets = Vec::new();
+    for outcome in &outcomes {
+        match &outcome.result {
+            SetResult::Done(summary) => tracing::info!(
+                set = %outcome.set,
+                snapshot = summary.snapshot.as_deref().unwrap_or("-"),
+                sent = summary.bytes_sent,
+                "backed up"
+            ),
+            SetResult::Queued { why, .. } => {
+                tracing::info!(set = %outcome.set, %why, "queued");
+            }
+            SetResult::Failed(error) => tracing::error!(set = %outcome.set, %error, "failed"),
+        }
+        sets.push(serde_json::to_value(outcome)?);
+    }
+    Ok((format!("{}: {}", plan.network, plan.why), sets))
+}
+
+fn lock(status: &Mutex<Status>) -> std::sync::MutexGuard<'_, Status> {
+    status.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Binds the control socket, owner-only; a socket left by a daemon that died is
+/// replaced, one that answers means a daemon runs already.
+fn bind(path: &Path) -> anyhow::Result<UnixListener> {
+    if UnixStream::connect(path).is_ok() {
+        bail!(
+            "a homing daemon runs already for this state ({})",
+            path.display()
+        );
+    }
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path)
+        .with_context(|| format!("cannot create the control socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    Ok(listener)
+}
+
+fn serve_control(listener: &UnixListener, status: &Arc<Mutex<Status>>, wake: &Sender<Wake>) {
+    for stream in listener.incoming() {
+        let Ok(mut stream) = stream else { continue };
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+        let mut line = String::new();
+        if BufReader::new(&stream).read_line(&mut line).is_err() {
+            continue;
+        }
+        let reply = match line.trim() {
+            "status" => serde_json::to_value(&*lock(status)).unwrap_or_default(),
+            "pause" => {
+                lock(status).paused = true;
+                serde_json::json!({ "ok": true, "message": "paused: nothing is uploaded until `homing resume`" })
+            }
+            "resume" => {
+                lock(status).paused = false;
+                let _ = wake.send(Wake::Now);
+                serde_json::json!({ "ok": true, "message": "resumed: a run starts now" })
+            }
+            "backup-now" => {
+                if lock(status).paused {
+                    serde_json::json!({ "ok": false, "message": "paused: run `homing resume` first" })
+                } else {
+                    let _ = wake.send(Wake::Now);
+                    serde_json::json!({ "ok": true, "message": "a run starts now" })
+                }
+            }
+            other => {
+                serde_json::json!({ "ok": false, "message": format!("unknown request `{other}`") })
+            }
+        };
+        let _ = writeln!(stream, "{reply}");
+    }
+}
+
+fn watch_signals(wake: &Sender<Wake>) {
+    let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    else {
+        return;
+    };
+    runtime.block_on(async {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::hangup()),
+        ) else {
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = term.recv() => { let _ = wake.send(Wake::Stop); return; }
+                _ = int.recv() => { let _ = wake.send(Wake::Stop); return; }
+                _ = hup.recv() => { let _ = wake.send(Wake::Reload); }
+            }
+        }
+    });
+}
+
+/// Sends a request to the daemon and returns its reply.
+///
+/// # Errors
+/// No daemon running, or a reply that is not JSON.
+pub fn request(paths: &Paths, what: &str) -> anyhow::Result<serde_json::Value> {
+    let path = socket_path(paths);
+    let mut stream = UnixStream::connect(&path).with_context(|| {
+        format!(
+            "no homing daemon answers at {} (start one with `homing daemon`)",
+            path.display()
+        )
+    })?;
+    writeln!(stream, "{what}")?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut line = String::new();
+    BufReader::new(&stream).read_line(&mut line)?;
+    serde_json::from_str(&line).context("the daemon's reply is not JSON")
+}
+
+/// `homing status|pause|resume|backup-now`
+///
+/// # Errors
+/// As [`request`].
+pub fn control(paths: &Paths, what: &str, json: bool) -> anyhow::Result<ExitCode> {
+    let reply = request(paths, what)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&reply)?);
+    } else if what == "status" {
+        let flag = |key: &str| reply[key].as_bool().unwrap_or(false);
+        println!(
+            "{}{}, {} runs; last {}, next {}",
+            if flag("paused") { "paused" } else { "active" },
+            if flag("running") { ", running now" } else { "" },
+            reply["runs"],
+            reply["last_run"].as_str().unwrap_or("never"),
+            reply["next_run"].as_str().unwrap_or("now"),
+        );
+        if let Some(network) = reply["network"].as_str() {
+            println!("network: {network}");
+        }
+        if let Some(error) = reply["error"].as_str() {
+            println!("last run failed: {error}");
+        }
+        for set in reply["sets"].as_array().into_iter().flatten() {
+            let name = set["set"].as_str().unwrap_or("?");
+            let result = &set["result"];
+            if let Some(done) = result.get("done") {
+                println!(
+                    "  {name}: snapshot {} ({} sent)",
+                    done["snapshot"].as_str().unwrap_or("-"),
+                    done["bytes_sent"]
+                );
+            } else if let Some(queued) = result.get("queued") {
+                println!(
+                    "  {name}: waiting: {}",
+                    queued["why"].as_str().unwrap_or("")
+                );
+            } else if let Some(failed) = result.get("failed") {
+                println!("  {name}: failed: {}", failed.as_str().unwrap_or(""));
+            }
+        }
+    } else {
+        println!("{}", reply["message"].as_str().unwrap_or(""));
+    }
+    Ok(if reply["ok"].as_bool() == Some(false) {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}

@@ -313,6 +313,9 @@ pub struct EnrollArgs {
 /// `homing policy ...`
 #[derive(Debug, Subcommand)]
 pub enum PolicyCommand {
+    /// Print a line whenever the link to the store or its policy changes (until
+    /// interrupted): what the daemon sees.
+    Watch,
     /// Say which policy applies to the link to the store now, why, and what it
     /// allows each priority class.
     Explain {

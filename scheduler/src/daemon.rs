@@ -8,8 +8,9 @@
 //! is a `homing backup` of every set (a rescan reads no unchanged file), so a
 //! run after a link change uploads what earlier runs sealed and commits.
 //!
-//! The link is observed by polling the kernel's tables every few seconds; the
-//! event-driven netlink watcher is still to come.
+//! On Linux a netlink socket wakes the daemon on every link, address, route or
+//! neighbour event, and the link is looked at again at once; elsewhere (and as
+//! a fallback) it is looked at every few seconds.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -59,6 +60,7 @@ pub struct Status {
 
 enum Wake {
     Now,
+    Link,
     Stop,
     Reload,
 }
@@ -87,6 +89,14 @@ pub fn run(
     {
         let wake = wake.clone();
         std::thread::spawn(move || watch_signals(&wake));
+    }
+    {
+        let wake = Mutex::new(wake.clone());
+        if let Err(error) = crate::network::watch(move || {
+            let _ = lock_sender(&wake).send(Wake::Link);
+        }) {
+            tracing::warn!(%error, "no link events: the link is looked at every few seconds");
+        }
     }
     tracing::info!(socket = %socket.display(), "homing daemon started");
     let result = main_loop(paths, &keys, &db, interval, &status, &wakes);
@@ -117,6 +127,8 @@ fn main_loop(
                 true
             }
             Ok(Wake::Now) => true,
+            // A link event: look at the link now (below).
+            Ok(Wake::Link) => false,
             Err(RecvTimeoutError::Timeout) => false,
         };
         let paused = lock(status).paused;
@@ -186,6 +198,10 @@ fn run_once(
         sets.push(serde_json::to_value(outcome)?);
     }
     Ok((format!("{}: {}", plan.network, plan.why), sets))
+}
+
+fn lock_sender(sender: &Mutex<Sender<Wake>>) -> std::sync::MutexGuard<'_, Sender<Wake>> {
+    sender.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn lock(status: &Mutex<Status>) -> std::sync::MutexGuard<'_, Status> {

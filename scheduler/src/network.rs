@@ -257,3 +257,66 @@ mod platform {
         None
     }
 }
+
+/// Calls `changed` whenever the kernel reports a change of links, addresses,
+/// routes or neighbours (Linux: a netlink socket subscribed to those groups);
+/// elsewhere never (the daemon's periodic look covers it). The call comes from
+/// a thread of its own; a burst of events may call it several times.
+///
+/// # Errors
+/// The netlink socket cannot be opened (the caller falls back to polling).
+pub fn watch(changed: impl Fn() + Send + 'static) -> std::io::Result<()> {
+    platform_watch::watch(changed)
+}
+
+#[cfg(target_os = "linux")]
+mod platform_watch {
+    use netlink_sys::protocols::NETLINK_ROUTE;
+    use netlink_sys::{Socket, SocketAddr};
+
+    // Multicast groups of <linux/rtnetlink.h>.
+    const RTMGRP_LINK: u32 = 0x1;
+    const RTMGRP_NEIGH: u32 = 0x4;
+    const RTMGRP_IPV4_IFADDR: u32 = 0x10;
+    const RTMGRP_IPV4_ROUTE: u32 = 0x40;
+    const RTMGRP_IPV6_IFADDR: u32 = 0x100;
+    const RTMGRP_IPV6_ROUTE: u32 = 0x400;
+
+    pub(super) fn watch(changed: impl Fn() + Send + 'static) -> std::io::Result<()> {
+        let mut socket = Socket::new(NETLINK_ROUTE)?;
+        let groups = RTMGRP_LINK
+            | RTMGRP_NEIGH
+            | RTMGRP_IPV4_IFADDR
+            | RTMGRP_IPV4_ROUTE
+            | RTMGRP_IPV6_IFADDR
+            | RTMGRP_IPV6_ROUTE;
+        socket.bind(&SocketAddr::new(0, groups))?;
+        std::thread::Builder::new()
+            .name("netlink".into())
+            .spawn(move || {
+                let mut buffer = vec![0_u8; 64 * 1024];
+                loop {
+                    match socket.recv(&mut &mut buffer[..], 0) {
+                        // What changed is read from the tables again: any event
+                        // is a reason to look.
+                        Ok(_) => changed(),
+                        // ENOBUFS: events were lost; look anyway.
+                        Err(error) if error.raw_os_error() == Some(105) => changed(),
+                        Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(error) => {
+                            tracing::error!(%error, "the netlink watcher stopped");
+                            return;
+                        }
+                    }
+                }
+            })?;
+        Ok(())
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+mod platform_watch {
+    pub(super) fn watch(_changed: impl Fn() + Send + 'static) -> std::io::Result<()> {
+        Ok(())
+    }
+}

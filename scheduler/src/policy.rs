@@ -15,6 +15,7 @@ use crate::cli::PolicyCommand;
 pub fn run(paths: &crate::paths::Paths, command: &PolicyCommand) -> anyhow::Result<ExitCode> {
     match command {
         PolicyCommand::Explain { json } => explain(paths, *json),
+        PolicyCommand::Watch => watch(paths),
         PolicyCommand::Check { files, json } => {
             let mut texts = Vec::with_capacity(files.len());
             for file in files {
@@ -50,6 +51,40 @@ pub fn run(paths: &crate::paths::Paths, command: &PolicyCommand) -> anyhow::Resu
                     }
                     Ok(ExitCode::FAILURE)
                 }
+            }
+        }
+    }
+}
+
+fn watch(paths: &crate::paths::Paths) -> anyhow::Result<ExitCode> {
+    use std::io::Write;
+    let config = crate::config::Config::load(&paths.config)?;
+    let (events, wakes) = std::sync::mpsc::channel();
+    let events = std::sync::Mutex::new(events);
+    if let Err(error) = crate::network::watch(move || {
+        let _ = events.lock().unwrap_or_else(|p| p.into_inner()).send(());
+    }) {
+        eprintln!("homing: no link events ({error}): looking every five seconds");
+    }
+    let mut last = None;
+    loop {
+        let seen = crate::network::observe(&config.store.address).map(|l| l.observation);
+        if seen != last {
+            let plan = plan(paths, &config.store.address)?;
+            let interface = seen.as_ref().map_or("-", |s| s.interface.as_str());
+            println!(
+                "{} {interface} → {}: {}",
+                jiff::Timestamp::now(),
+                plan.network,
+                plan.why
+            );
+            std::io::stdout().flush()?;
+            last = seen;
+        }
+        match wakes.recv_timeout(std::time::Duration::from_secs(5)) {
+            Ok(()) | Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                std::thread::sleep(std::time::Duration::from_secs(5));
             }
         }
     }

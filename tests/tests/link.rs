@@ -234,3 +234,76 @@ fn a_capped_link_stops_at_the_cap_by_the_kernels_own_count() {
     let _ = server.kill();
     let _ = server.wait();
 }
+
+#[test]
+fn a_link_change_is_seen_within_a_second() {
+    if !can_run() {
+        return;
+    }
+    let lab = Lab::up("hmwatch", "8mbit");
+    let home = tempfile::tempdir().unwrap();
+    let config = home.path().join("client");
+    std::fs::create_dir_all(config.join("policies")).unwrap();
+    std::fs::write(
+        config.join("config.toml"),
+        format!(
+            "[store]\naddress = \"{0}:7473\"\nserver_name = \"{0}\"\nca = \"ca.crt\"\ncertificate = \"c.crt\"\nkey = \"c.key\"\n",
+            lab.get("SERVER_IP")
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        config.join("policies/lab.toml"),
+        "[match]\ninterface = \"nlc0\"\n",
+    )
+    .unwrap();
+    // More specific: the lab link once it has an address in 10.99.0.0/24.
+    std::fs::write(
+        config.join("policies/second.toml"),
+        "[match]\ninterface = \"nlc0\"\nprefix = \"10.99.0.0/24\"\n",
+    )
+    .unwrap();
+    let mut watcher = lab
+        .exec("CLIENT_NS", &binary("homing"))
+        .arg("--config")
+        .arg(&config)
+        .args(["policy", "watch"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("the watcher starts");
+    let (lines, seen) = std::sync::mpsc::channel();
+    let stdout = watcher.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { return };
+            if lines.send((tokio::time::Instant::now(), line)).is_err() {
+                return;
+            }
+        }
+    });
+    let (_, first) = seen
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .expect("the first look");
+    assert!(first.contains("nlc0 → lab"), "{first}");
+    let changed_at = tokio::time::Instant::now();
+    let status = lab
+        .exec("CLIENT_NS", Path::new("ip"))
+        .args(["addr", "add", "10.99.0.1/24", "dev", "nlc0"])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let (at, line) = seen
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .expect("a line for the change");
+    let after = at.duration_since(changed_at);
+    eprintln!("a link change was seen after {after:?}: {line}");
+    assert!(line.contains("→ second"), "{line}");
+    assert!(
+        after < std::time::Duration::from_secs(1),
+        "the change took {after:?} to be seen"
+    );
+    let _ = watcher.kill();
+    let _ = watcher.wait();
+}

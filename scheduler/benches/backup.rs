@@ -339,7 +339,7 @@ fn main() {
         mb / seconds,
         num(&first, "cpu_seconds") / gb,
         num(&first, "peak_rss_bytes") / 1e6,
-        num(&first, "bytes_sent") / 1e6,
+        num(&first, "connection_sent") / 1e6,
     );
     println!(
         "  baseline (read + BLAKE3 every file, same run): {:.1} s, {:.0} MB/s; backup/baseline time {:.2}x",
@@ -352,7 +352,7 @@ fn main() {
         "rescan, unchanged: {:.2} s, read {} bytes, sent {} bytes",
         num(&rescan, "seconds"),
         rescan["bytes_read"],
-        rescan["bytes_sent"]
+        rescan["connection_sent"]
     );
     report.insert("tree_mb".into(), mb.into());
     report.insert("initial_mb_per_s".into(), (mb / seconds).into());
@@ -396,7 +396,7 @@ fn main() {
     }
     fs::rename(tree.join("src/dir007"), tree.join("src/dir007-renamed")).expect("renamed");
     let hour = rig.backup("laptop", &tree);
-    let sent = num(&hour, "bytes_sent") as u64;
+    let sent = num(&hour, "connection_sent") as u64;
     println!(
         "(c) an hour of edits: sent {sent} bytes for {new_information} bytes of new information (compressed): {:+.1} %",
         (sent as f64 / new_information as f64 - 1.0) * 100.0
@@ -421,7 +421,7 @@ fn main() {
         file.write_all(&g.random(100)).expect("written");
         drop(file);
         let summary = rig.backup("big", &big_dir);
-        sends.push(num(&summary, "bytes_sent") as u64);
+        sends.push(num(&summary, "connection_sent") as u64);
     }
     let a = median(sends.clone());
     println!(
@@ -439,7 +439,7 @@ fn main() {
     let tenk = rig.backup("tenk", &small);
     write(&small.join("top03/dir0123/new.txt"), &g.text(1000));
     let b = rig.backup("tenk", &small);
-    let b_sent = num(&b, "bytes_sent") as u64;
+    let b_sent = num(&b, "connection_sent") as u64;
     println!(
         "(b) one new 1 KB file in {} files: {b_sent} bytes sent ({:.1} KiB)",
         10_000 / scale,

@@ -110,6 +110,11 @@ pub struct Summary {
     pub bytes_sent: u64,
     /// Bytes the connection received, TLS included.
     pub bytes_received: u64,
+    /// Bytes the whole connection had sent when this set was done: its TLS
+    /// handshake and the history check included (for one set, all it cost).
+    pub connection_sent: u64,
+    /// Bytes the whole connection had received then.
+    pub connection_received: u64,
     /// Seconds the run took.
     pub seconds: f64,
     /// CPU seconds this process used so far (user + system).
@@ -133,7 +138,8 @@ impl Summary {
              files: {} scanned, {} changed, {} unchanged, {} deleted, {} unreadable, {} changed while read\n\
              directories: {}\n\
              read {}, sealed {} in {} new objects, uploaded {} in {} objects\n\
-             sent {} on the wire, TLS included (received {})\n\
+             sent {} on the wire for this set, TLS records included (received {}); the \
+             connection, handshake included: {} sent, {} received\n\
              dedup {:.2}x (read / new), compression {:.2}x (new / sealed)\n\
              took {:.1} s ({:.1} s of CPU, peak memory {})\n",
             self.snapshot.as_deref().unwrap_or("-"),
@@ -153,6 +159,8 @@ impl Summary {
             self.objects_uploaded,
             b(self.bytes_sent),
             b(self.bytes_received),
+            b(self.connection_sent),
+            b(self.connection_received),
             ratio(self.bytes_read, self.bytes_new),
             ratio(self.bytes_new, self.bytes_sealed),
             self.seconds,
@@ -370,6 +378,8 @@ pub fn backup(run: Run<'_>, set: &BackupSet) -> anyhow::Result<Summary> {
     let (sent, received) = scan.run.remote.as_deref().map_or((0, 0), Remote::traffic);
     summary.bytes_sent = sent - sent_before;
     summary.bytes_received = received - received_before;
+    summary.connection_sent = sent;
+    summary.connection_received = received;
     summary.snapshot = Some(head.to_string());
     summary.sequence = manifest.sequence;
     summary.seconds = started.elapsed().as_secs_f64();

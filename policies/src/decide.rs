@@ -1,7 +1,7 @@
 //! The release decision: given the link's policy, its ledger, what is queued and
 //! the time, what may go now, how fast, how much, and why.
 
-use jiff::{Timestamp, ToSpan};
+use jiff::Timestamp;
 
 use crate::ledger::{BUCKET, Ledger};
 use crate::policy::{Class, Policy, Window};
@@ -191,11 +191,7 @@ fn next_edge(policy: &Policy, now: Timestamp) -> Option<Timestamp> {
             }
             // To the minute: the edge's second 0.
             let base = now.as_second() - now.as_second().rem_euclid(60);
-            edges.extend(
-                now.checked_add(0.seconds())
-                    .ok()
-                    .and_then(|_| Timestamp::from_second(base + ahead * 60).ok()),
-            );
+            edges.extend(Timestamp::from_second(base + ahead * 60).ok());
         }
     }
     edges.into_iter().filter(|e| *e > now).min()

@@ -46,7 +46,6 @@ fn each_network_gets_its_policy() {
     let home = Observation {
         interface: "wlan0".into(),
         kind: Some(LinkKind::Wifi),
-        ssid: Some("HomeNet".into()),
         gateway_mac: Some("00:1a:2b:3c:4d:5e".into()),
         ..Observation::default()
     };

@@ -131,6 +131,17 @@ pub struct Summary {
 impl Summary {
     /// The summary as a person reads it.
     pub fn to_text(&self) -> String {
+        if self.queued {
+            return format!(
+                "set `{}`: sealed into the spool, not uploaded: {} files scanned, {} changed, \
+                 {} sealed in {} new objects; the next run that may upload sends them\n",
+                self.set,
+                self.files_scanned,
+                self.files_changed,
+                crate::commands::human_bytes(self.bytes_sealed),
+                self.objects_sealed
+            );
+        }
         use crate::commands::human_bytes as b;
         let ratio = |a: u64, b: u64| if b == 0 { 1.0 } else { a as f64 / b as f64 };
         let mut text = format!(
@@ -227,6 +238,10 @@ pub struct Run<'a> {
     pub progress: bool,
     /// The host name for the manifest.
     pub host: String,
+    /// The priority class of the set backed up (its spooled objects carry it).
+    pub class: u8,
+    /// The classes an upload may take from the spool (the link's policy).
+    pub upload_classes: Vec<u8>,
 }
 
 impl std::fmt::Debug for Run<'_> {
@@ -734,11 +749,23 @@ impl<'a> Scan<'a> {
         Ok(())
     }
 
-    /// Whether an object is in the spool or known to be stored.
+    /// Whether an object is in the spool or known to be stored. A spooled object
+    /// of a less urgent class takes this set's class: this set needs it too.
     fn have(&mut self, id: &ObjectId) -> anyhow::Result<bool> {
+        let class = self.run.class;
         let txn = self.txn()?;
-        Ok(txn.open_table(KNOWN)?.get(id.as_bytes())?.is_some()
-            || txn.open_table(SPOOL)?.get(id.as_bytes())?.is_some())
+        if txn.open_table(KNOWN)?.get(id.as_bytes())?.is_some() {
+            return Ok(true);
+        }
+        if txn.open_table(SPOOL)?.get(id.as_bytes())?.is_none() {
+            return Ok(false);
+        }
+        let mut classes = txn.open_table(state::SPOOL_CLASS)?;
+        let current = classes.get(id.as_bytes())?.map(|v| v.value());
+        if current.is_some_and(|c| c > class) {
+            classes.insert(id.as_bytes(), class)?;
+        }
+        Ok(true)
     }
 
     /// Puts a sealed object into the spool (unless it is there or stored).
@@ -747,9 +774,12 @@ impl<'a> Scan<'a> {
             return Ok(());
         }
         let len = object.bytes.len() as u64;
+        let class = self.run.class;
         let txn = self.txn()?;
         txn.open_table(SPOOL)?
             .insert(object.id.as_bytes(), object.bytes.as_slice())?;
+        txn.open_table(state::SPOOL_CLASS)?
+            .insert(object.id.as_bytes(), class)?;
         state::add_spool_bytes(txn, len as i64)?;
         self.spool_bytes += len;
         self.txn_bytes += len;
@@ -1153,12 +1183,19 @@ impl<'a> Scan<'a> {
             }
             return Ok(());
         };
+        // Only the classes the link carries (an object without a class, from an
+        // older spool, goes with any).
         let ids: Vec<ObjectId> = {
             let txn = self.run.db.begin_read()?;
             let spool = txn.open_table(SPOOL)?;
+            let classes = txn.open_table(state::SPOOL_CLASS)?;
             let mut ids = Vec::new();
             for item in spool.iter()? {
-                ids.push(ObjectId::from_bytes(*item?.0.value()));
+                let id = *item?.0.value();
+                let class = classes.get(&id)?.map(|v| v.value());
+                if class.is_none_or(|c| self.run.upload_classes.contains(&c)) {
+                    ids.push(ObjectId::from_bytes(id));
+                }
             }
             ids
         };
@@ -1231,11 +1268,13 @@ impl<'a> Scan<'a> {
         let mut freed = 0;
         {
             let mut spool = txn.open_table(SPOOL)?;
+            let mut classes = txn.open_table(state::SPOOL_CLASS)?;
             let mut known = txn.open_table(KNOWN)?;
             for id in ids {
                 if let Some(bytes) = spool.remove(id.as_bytes())? {
                     freed += bytes.value().len() as u64;
                 }
+                classes.remove(id.as_bytes())?;
                 known.insert(id.as_bytes(), ())?;
             }
         }

@@ -324,7 +324,7 @@ pub enum PolicyCommand {
         json: bool,
     },
     /// Check policy files (all of them together, as the daemon loads them); exits
-    /// non-zero naming the first bad one.
+    /// non-zero naming every bad one with its line and column.
     Check {
         /// Policy files.
         #[arg(required = true, value_name = "FILE")]

@@ -227,6 +227,20 @@ pub fn backup_sets(
         }
     }
     let spool_limit = config.spool.limit_mib.saturating_mul(1 << 20);
+    // What the link carries may leave the spool, whichever set sealed it.
+    let upload_classes: Vec<u8> = match &plan.policy {
+        Some(policy) => policy
+            .link
+            .classes
+            .iter()
+            .map(|c| match c {
+                homing_policy::Class::Critical => 0,
+                homing_policy::Class::Normal => 1,
+                homing_policy::Class::Bulk => 2,
+            })
+            .collect(),
+        None => vec![0, 1, 2],
+    };
     let mut outcomes = Vec::new();
     for (set, decision) in sets.iter().zip(&decisions) {
         let held_back = (!decision.send || unreachable.is_some()).then(|| {
@@ -245,6 +259,8 @@ pub fn backup_sets(
                     skip: vec![paths.state.clone(), paths.config.clone()],
                     progress,
                     host: host.clone(),
+                    class: class_number(set.priority),
+                    upload_classes: upload_classes.clone(),
                 },
                 set,
             )
@@ -265,6 +281,12 @@ pub fn backup_sets(
             },
             (Ok(summary), None) => SetResult::Done(summary),
             (Err(error), _) if error.downcast_ref::<backup::BudgetSpent>().is_some() => {
+                // The budget is gone for the sets after this one too: they seal
+                // only (their connection would refuse every byte).
+                if let Some(remote) = remote.take() {
+                    drop(remote);
+                }
+                unreachable = Some(error.to_string());
                 SetResult::Queued {
                     why: error.to_string(),
                     summary: None,
@@ -281,6 +303,15 @@ pub fn backup_sets(
         remote.close();
     }
     Ok(outcomes)
+}
+
+/// The spool's number for a priority class (0 is the most urgent).
+fn class_number(priority: Priority) -> u8 {
+    match priority {
+        Priority::Critical => 0,
+        Priority::Normal => 1,
+        Priority::Bulk => 2,
+    }
 }
 
 /// The socket send buffer on a capped link (the kernel doubles it).

@@ -5,8 +5,10 @@
 //! buckets live in the state database per network, and the meter reserves bytes
 //! in chunks: a chunk is charged and made durable *before* any of its bytes are
 //! written, and what was not used goes back when the connection ends. A crash or
-//! kill -9 can therefore only over-count (by at most one chunk), never
-//! under-count, and spending never passes what the policy allows.
+//! kill -9 can therefore only over-count what was sent (by at most one chunk),
+//! and reservations never pass what the policy allows. Bytes received are
+//! charged in chunks as they arrive; a kill loses at most one chunk of them, and
+//! the policy's safety margin covers them.
 
 use std::sync::{Arc, Mutex};
 

@@ -132,15 +132,20 @@ fn explain_connect(error: ClientError, store: &StoreConfig) -> anyhow::Error {
     use std::io::ErrorKind;
     let unreachable = match &error {
         ClientError::Timeout => true,
-        ClientError::Io(e) => matches!(
-            e.kind(),
-            ErrorKind::ConnectionRefused
-                | ErrorKind::TimedOut
-                | ErrorKind::HostUnreachable
-                | ErrorKind::NetworkUnreachable
-                | ErrorKind::AddrNotAvailable
-                | ErrorKind::NotFound
-        ),
+        // Refused, unreachable, timed out, or a name that does not resolve away
+        // from home; not a store that answered and hung up (a revoked
+        // certificate), nor what TLS refuses.
+        ClientError::Io(e) => {
+            matches!(
+                e.kind(),
+                ErrorKind::ConnectionRefused
+                    | ErrorKind::TimedOut
+                    | ErrorKind::HostUnreachable
+                    | ErrorKind::NetworkUnreachable
+                    | ErrorKind::AddrNotAvailable
+                    | ErrorKind::NotFound
+            ) || e.to_string().contains("lookup address")
+        }
         _ => false,
     };
     let hint = match &error {

@@ -21,6 +21,10 @@ const CACHE_BYTES: usize = 4 << 20;
 
 /// Sealed objects waiting for upload: id → sealed bytes.
 pub const SPOOL: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("spool");
+/// The priority class of each spooled object (0 critical, 1 normal, 2 bulk): an
+/// upload takes only the classes the link carries. An object two sets share
+/// has the more urgent class of the two.
+pub const SPOOL_CLASS: TableDefinition<&[u8; 32], u8> = TableDefinition::new("spool-class");
 /// Ids the store confirmed holding: id → ().
 pub const KNOWN: TableDefinition<&[u8; 32], ()> = TableDefinition::new("known");
 /// The sets this client has committed: name → [`SetHead`] (JSON): the root of its
@@ -70,6 +74,7 @@ pub fn open(dir: &Path) -> anyhow::Result<Database> {
     txn.open_table(SPOOL)?;
     txn.open_table(KNOWN)?;
     txn.open_table(SETS)?;
+    txn.open_table(SPOOL_CLASS)?;
     txn.open_table(META)?;
     txn.commit()?;
     Ok(db)

@@ -1298,3 +1298,51 @@ fn the_daemon_backs_up_on_start_on_request_and_not_while_paused() {
         serde_json::from_str(&ok(rig.homing(&["snapshots", "--json"]))).unwrap();
     assert_eq!(list.as_array().unwrap().len(), 3);
 }
+
+#[test]
+fn a_link_that_carries_critical_sets_only_leaves_bulk_data_in_the_spool() {
+    let rig = Rig::new("0");
+    let docs = rig.dir("docs");
+    let media = rig.dir("media");
+    fs::write(docs.join("note.txt"), "urgent\n").unwrap();
+    fs::write(media.join("film.bin"), bytes(77, 3 << 20, false)).unwrap();
+    let mut config = fs::read_to_string(rig.config.join("config.toml")).unwrap();
+    config.push_str(&format!(
+        "\n[[set]]\nname = \"docs\"\npaths = [\"{}\"]\npriority = \"critical\"\n\n[[set]]\nname = \"media\"\npaths = [\"{}\"]\npriority = \"bulk\"\n",
+        docs.display(),
+        media.display()
+    ));
+    fs::write(rig.config.join("config.toml"), config).unwrap();
+    let policies = rig.config.join("policies");
+    fs::create_dir(&policies).unwrap();
+    // Media first: what it seals must not ride along with the critical set.
+    fs::write(
+        policies.join("narrow.toml"),
+        "[match]\ninterface = \"lo\"\n\n[link]\nclasses = [\"critical\"]\n",
+    )
+    .unwrap();
+    let out = rig.homing(&["backup", "--set", "media", "--json"]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("carries critical"),
+        "{}",
+        stderr(&out)
+    );
+    let out = rig.homing(&["backup", "--set", "docs", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let docs_summary = summary(&out);
+    assert!(
+        docs_summary["bytes_uploaded"].as_u64().unwrap() < 100_000,
+        "the bulk set's data went with the critical one: {docs_summary}"
+    );
+    // On a link that carries everything, the film goes.
+    fs::remove_dir_all(&policies).unwrap();
+    let out = rig.homing(&["backup", "--set", "media", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let media_summary = summary(&out);
+    assert_eq!(media_summary["bytes_read"], 0, "{media_summary}");
+    assert!(
+        media_summary["bytes_uploaded"].as_u64().unwrap() > 3_000_000,
+        "{media_summary}"
+    );
+}

@@ -1346,3 +1346,147 @@ fn a_link_that_carries_critical_sets_only_leaves_bulk_data_in_the_spool() {
         "{media_summary}"
     );
 }
+
+/// A lying store: swaps the index records of objects so that asking for one
+/// serves another's bytes, whose checksums the store itself finds in order. Only
+/// the client's authentication can tell.
+fn swap_records(store: &Path, pairs: &[(Vec<u8>, Vec<u8>)]) {
+    const OBJECTS: redb::TableDefinition<&[u8], &[u8]> = redb::TableDefinition::new("objects");
+    let db = redb::Database::open(store.join("index.redb")).expect("the store's index opens");
+    let txn = db.begin_write().expect("the store's index");
+    {
+        let mut table = txn.open_table(OBJECTS).expect("the store's index");
+        for (a, b) in pairs {
+            let get = |table: &redb::Table<&[u8], &[u8]>, key: &[u8]| {
+                redb::ReadableTable::get(table, key)
+                    .expect("the store's index")
+                    .expect("the store's index")
+                    .value()
+                    .to_vec()
+            };
+            let va = get(&table, a);
+            let vb = get(&table, b);
+            table
+                .insert(a.as_slice(), vb.as_slice())
+                .expect("the store's index");
+            table
+                .insert(b.as_slice(), va.as_slice())
+                .expect("the store's index");
+        }
+    }
+    txn.commit().expect("the store's index");
+}
+
+/// The index keys of an account's objects (account ‖ 0 ‖ id), largest first (the
+/// chunks of the test's files, not trees or manifests).
+fn object_keys(store: &Path, account: &str) -> Vec<Vec<u8>> {
+    const OBJECTS: redb::TableDefinition<&[u8], &[u8]> = redb::TableDefinition::new("objects");
+    let db = redb::Database::open(store.join("index.redb")).expect("the store's index opens");
+    let txn = redb::ReadableDatabase::begin_read(&db).expect("the store's index");
+    let table = txn.open_table(OBJECTS).expect("the store's index");
+    let mut keys: Vec<(u32, Vec<u8>)> = redb::ReadableTable::iter(&table)
+        .expect("the store's index")
+        .map(|item| {
+            let (k, v) = item.expect("the store's index");
+            let len = u32::from_le_bytes(v.value()[16..20].try_into().expect("the store's index"));
+            (len, k.value().to_vec())
+        })
+        .filter(|(_, k)| k.starts_with(account.as_bytes()) && k[account.len()] == 0)
+        .collect();
+    keys.sort_by_key(|(len, _)| std::cmp::Reverse(*len));
+    keys.into_iter().map(|(_, k)| k).collect()
+}
+
+#[test]
+fn a_store_that_swaps_objects_or_serves_another_accounts_is_caught() {
+    let mut rig = Rig::new("0");
+    let src = rig.dir("src");
+    for n in 0..4 {
+        fs::write(src.join(format!("file{n}")), bytes(n + 40, 300_000, false)).unwrap();
+    }
+    let state = describe(&src);
+    rig.backup(&[&src]);
+    // A second account with objects of its own, sealed under another key.
+    let store = rig.store.to_str().unwrap().to_string();
+    store_cmd(&["account", "add", "other", "--store", &store]);
+    let other = rig.home.path().join("other");
+    store_cmd(&[
+        "ca",
+        "issue",
+        "other",
+        "--store",
+        &store,
+        "--out",
+        other.to_str().unwrap(),
+    ]);
+    let other_config = rig.home.path().join("other-client");
+    let address = fs::read_to_string(rig.config.join("config.toml"))
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("address = \"")
+                .map(|a| a.trim_end_matches('"').to_string())
+        })
+        .unwrap();
+    let o = other.to_str().unwrap();
+    ok(homing(
+        &other_config,
+        &[
+            "init",
+            "--store",
+            &address,
+            "--server-name",
+            "localhost",
+            "--ca",
+            &format!("{o}-ca.crt"),
+            "--cert",
+            &format!("{o}.crt"),
+            "--key",
+            &format!("{o}.key"),
+            "--no-passphrase",
+        ],
+    ));
+    let theirs = rig.dir("theirs");
+    fs::write(theirs.join("x"), bytes(99, 300_000, false)).unwrap();
+    let out = homing(
+        &other_config,
+        &["backup", "--json", theirs.to_str().unwrap()],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    rig.stop();
+    let mine = object_keys(&rig.store, "laptop");
+    let foreign = object_keys(&rig.store, "other");
+    // Two of our chunks swapped; a third served from the other account.
+    swap_records(
+        &rig.store,
+        &[
+            (mine[0].clone(), mine[1].clone()),
+            (mine[2].clone(), foreign[0].clone()),
+        ],
+    );
+    rig.start();
+    let verify = rig.homing(&["verify", "--read-data"]);
+    assert_eq!(verify.status.code(), Some(3), "{}", stderr(&verify));
+    let report = stdout(&verify);
+    assert!(
+        report.matches("does not authenticate").count() >= 3,
+        "{report}"
+    );
+    let target = rig.dir("target");
+    let out = rig.restore("latest", &target);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let failures = summary["failures"].to_string();
+    assert!(failures.contains("does not authenticate"), "{failures}");
+    // No wrong byte was written: every file there is is right.
+    for (path, item) in describe(&restored(&target, &src)) {
+        if item.kind == "file" {
+            assert_eq!(
+                Some(&item),
+                state.get(&path),
+                "{}",
+                String::from_utf8_lossy(&path)
+            );
+        }
+    }
+}

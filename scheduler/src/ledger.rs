@@ -53,14 +53,16 @@ fn store(db: &Database, network: &str, ledger: &Ledger, from: i64) -> anyhow::Re
     Ok(())
 }
 
-/// The reservation chunk for a policy: a thousandth of the allowance, between
-/// 16 KiB and 4 MiB (one durable write per chunk; a crash over-counts at most
-/// one).
+/// The reservation chunk for a policy: one durable write per chunk, and a kill
+/// over-counts at most one. Under a cap, a thousandth of the allowance between
+/// 16 KiB and 256 KiB (a killed run on a 1 GB plan costs a quarter megabyte of
+/// budget, not a megabyte); without a cap, 4 MiB (nothing to protect, and fast
+/// links would otherwise write the ledger hundreds of times a second).
 fn chunk(policy: &Policy) -> u64 {
     policy
         .budget
         .as_ref()
-        .map_or(4 << 20, |b| (b.allowance() / 1000).clamp(16 << 10, 4 << 20))
+        .map_or(4 << 20, |b| (b.allowance() / 1000).clamp(16 << 10, 256 << 10))
 }
 
 /// A [`Meter`] backed by a network's persisted ledger.

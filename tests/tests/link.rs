@@ -122,20 +122,30 @@ fn run(mut command: Command) -> Output {
     command.output().expect("the command runs")
 }
 
-#[test]
-fn a_capped_link_stops_at_the_cap_by_the_kernels_own_count() {
-    if !can_run() {
-        return;
+/// A store server in the lab's server namespace and a client set up for it in
+/// the client's, with `policy` as its only network policy.
+struct Rig {
+    home: tempfile::TempDir,
+    config: PathBuf,
+    server: Child,
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
     }
-    let lab = Lab::up("hmcap", "8mbit");
-    let home = tempfile::tempdir().unwrap();
+}
+
+fn rig(lab: &Lab, policy: &str) -> Rig {
+    let home = tempfile::tempdir().expect("the lab set-up");
     let store = home.path().join("store");
-    let s = store.to_str().unwrap();
+    let s = store.to_str().expect("the lab set-up");
     let server_ip = lab.get("SERVER_IP").to_string();
     homing_store(&["init", s, "--ip", &server_ip]);
     homing_store(&["account", "add", "laptop", "--store", s]);
     let prefix = home.path().join("laptop");
-    let p = prefix.to_str().unwrap();
+    let p = prefix.to_str().expect("the lab set-up");
     homing_store(&["ca", "issue", "laptop", "--store", s, "--out", p]);
     let mut server: Child = lab
         .exec("SERVER_NS", &binary("homing-store"))
@@ -153,13 +163,13 @@ fn a_capped_link_stops_at_the_cap_by_the_kernels_own_count() {
     {
         use std::io::BufRead;
         let mut line = String::new();
-        std::io::BufReader::new(server.stdout.take().unwrap())
+        std::io::BufReader::new(server.stdout.take().expect("the lab set-up"))
             .read_line(&mut line)
-            .unwrap();
+            .expect("the lab set-up");
         assert!(line.starts_with("listening on"), "{line}");
     }
     let config = home.path().join("client");
-    let c = config.to_str().unwrap();
+    let c = config.to_str().expect("the lab set-up");
     let init = run({
         let mut command = lab.exec("CLIENT_NS", &binary("homing"));
         command.args([
@@ -181,24 +191,58 @@ fn a_capped_link_stops_at_the_cap_by_the_kernels_own_count() {
         command
     });
     assert!(init.status.success(), "{}", stderr(&init));
-    std::fs::create_dir(config.join("policies")).unwrap();
-    std::fs::write(
-        config.join("policies/capped.toml"),
-        "[match]\ninterface = \"nlc0\"\n\n[budget]\nbytes = \"1 MB\"\nperiod = \"day\"\n",
-    )
-    .unwrap();
-    let src = home.path().join("src");
-    std::fs::create_dir(&src).unwrap();
-    // Incompressible: zstd must not shrink it under the cap.
-    let mut state = 0x9E37_79B9_7F4A_7C15_u64;
-    let data: Vec<u8> = (0..3_000_000)
+    std::fs::create_dir(config.join("policies")).expect("the lab set-up");
+    std::fs::write(config.join("policies/lab.toml"), policy).expect("the lab set-up");
+    Rig {
+        home,
+        config,
+        server,
+    }
+}
+
+/// Incompressible bytes: zstd must not shrink them.
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = 0x9E37_79B9_7F4A_7C15_u64 ^ seed;
+    (0..len)
         .map(|_| {
             state ^= state << 13;
             state ^= state >> 7;
             state ^= state << 17;
             (state >> 24) as u8
         })
-        .collect();
+        .collect()
+}
+
+/// What the ledger says the lab network spent (from `homing policy explain`).
+fn ledger_spent(lab: &Lab, config: &Path) -> u64 {
+    let explain = run({
+        let mut command = lab.exec("CLIENT_NS", &binary("homing"));
+        command
+            .arg("--config")
+            .arg(config)
+            .args(["policy", "explain", "--json"]);
+        command
+    });
+    let explained: serde_json::Value = serde_json::from_slice(&explain.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", stderr(&explain)));
+    explained["spent"].as_u64().expect("a budget")
+}
+
+#[test]
+fn a_capped_link_stops_at_the_cap_by_the_kernels_own_count() {
+    if !can_run() {
+        return;
+    }
+    let lab = Lab::up("hmcap", "8mbit");
+    let rig = rig(
+        &lab,
+        "[match]\ninterface = \"nlc0\"\n\n[budget]\nbytes = \"1 MB\"\nperiod = \"day\"\n",
+    );
+    let (home, config) = (&rig.home, &rig.config);
+    let c = config.to_str().unwrap();
+    let src = home.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    let data = noise(3_000_000, 0);
     std::fs::write(src.join("three-megabytes.bin"), data).unwrap();
     let (tx0, rx0) = lab.client_counters();
     let backup = run({
@@ -216,23 +260,13 @@ fn a_capped_link_stops_at_the_cap_by_the_kernels_own_count() {
     let kernel = (tx1 - tx0) + (rx1 - rx0);
     assert!(kernel <= 1_000_000, "the kernel counted {kernel} bytes");
     assert!(kernel > 700_000, "the cap was hardly used: {kernel} bytes");
-    let explain = run({
-        let mut command = lab.exec("CLIENT_NS", &binary("homing"));
-        command.args(["--config", c, "policy", "explain", "--json"]);
-        command
-    });
-    let explained: serde_json::Value = serde_json::from_slice(&explain.stdout)
-        .unwrap_or_else(|e| panic!("{e}: {}", stderr(&explain)));
-    assert_eq!(explained["network"], "capped");
-    let spent = explained["spent"].as_u64().unwrap();
+    let spent = ledger_spent(&lab, config);
     let difference = (spent as f64 - kernel as f64).abs() / kernel as f64;
     eprintln!("1 MB cap: the kernel counted {kernel} bytes, the ledger {spent}");
     assert!(
         difference < 0.05,
         "the ledger says {spent}, the kernel {kernel}"
     );
-    let _ = server.kill();
-    let _ = server.wait();
 }
 
 #[test]
@@ -306,4 +340,61 @@ fn a_link_change_is_seen_within_a_second() {
     );
     let _ = watcher.kill();
     let _ = watcher.wait();
+}
+
+#[test]
+fn backups_killed_mid_upload_never_leave_the_ledger_below_the_kernels_count() {
+    if !can_run() {
+        return;
+    }
+    let lab = Lab::up("hmkill", "8mbit");
+    let rig = rig(
+        &lab,
+        "[match]\ninterface = \"nlc0\"\n\n[budget]\nbytes = \"1 GB\"\nperiod = \"day\"\n",
+    );
+    let src = rig.home.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    let (tx0, rx0) = lab.client_counters();
+    // Each round brings new data and is killed at a different point of its upload.
+    for (round, wait) in [150_u64, 900, 400, 1300, 650, 250, 1100, 500]
+        .into_iter()
+        .enumerate()
+    {
+        std::fs::write(
+            src.join(format!("part{round}.bin")),
+            noise(1_500_000, round as u64 + 1),
+        )
+        .unwrap();
+        let mut victim = lab
+            .exec("CLIENT_NS", &binary("homing"))
+            .arg("--config")
+            .arg(&rig.config)
+            .args(["backup", "--json"])
+            .arg(&src)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(wait));
+        let _ = victim.kill();
+        let _ = victim.wait();
+    }
+    let (tx1, rx1) = lab.client_counters();
+    let kernel = (tx1 - tx0) + (rx1 - rx0);
+    let spent = ledger_spent(&lab, &rig.config);
+    eprintln!("8 killed backups: the kernel counted {kernel} bytes, the ledger {spent}");
+    assert!(
+        kernel > 1_000_000,
+        "the backups hardly sent anything: {kernel}"
+    );
+    assert!(
+        spent >= kernel,
+        "the ledger ({spent}) counted less than the kernel ({kernel})"
+    );
+    // Each kill strands at most a reservation chunk (256 KiB) and the send
+    // buffer's worth.
+    assert!(
+        spent <= kernel + 8 * (384 << 10),
+        "the ledger ({spent}) over-counts the kernel ({kernel}) by more than the kills explain"
+    );
 }

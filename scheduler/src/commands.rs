@@ -98,7 +98,7 @@ pub fn backup(paths: &Paths, args: &BackupArgs) -> anyhow::Result<ExitCode> {
         }]
     };
     let progress = !args.json && std::io::stderr().is_terminal();
-    let outcomes = backup_sets(paths, &config, &keys, &db, &sets, progress)?;
+    let outcomes = backup_sets(paths, &config, &keys, &db, &sets, progress, None)?;
     let mut summaries: Vec<&Summary> = Vec::new();
     let (mut failed, mut waiting) = (0, 0);
     for outcome in &outcomes {
@@ -181,6 +181,7 @@ pub fn backup_sets(
     db: &std::sync::Arc<redb::Database>,
     sets: &[BackupSet],
     progress: bool,
+    stop: Option<&std::sync::Arc<std::sync::atomic::AtomicBool>>,
 ) -> anyhow::Result<Vec<SetOutcome>> {
     let host = nix::unistd::gethostname()
         .map(|h| h.to_string_lossy().into_owned())
@@ -210,6 +211,14 @@ pub fn backup_sets(
                 policy.clone(),
             )?),
             None => std::sync::Arc::new(homing_transfer::stream::Unmetered),
+        };
+        // The daemon stops an upload at its next write when the link changes.
+        let meter: std::sync::Arc<dyn homing_transfer::stream::Meter> = match stop {
+            Some(stop) => std::sync::Arc::new(Stoppable {
+                inner: meter,
+                stop: std::sync::Arc::clone(stop),
+            }),
+            None => meter,
         };
         // Under a cap, the kernel may hold only a little of what was charged.
         let send_buffer = plan
@@ -281,16 +290,20 @@ pub fn backup_sets(
             },
             (Ok(summary), None) => SetResult::Done(summary),
             (Err(error), _) if error.downcast_ref::<backup::BudgetSpent>().is_some() => {
-                // The budget is gone for the sets after this one too: they seal
-                // only (their connection would refuse every byte).
+                // The budget (or the link) is gone for the sets after this one
+                // too: they seal only (their connection would refuse every byte).
                 if let Some(remote) = remote.take() {
                     drop(remote);
                 }
-                unreachable = Some(error.to_string());
-                SetResult::Queued {
-                    why: error.to_string(),
-                    summary: None,
-                }
+                let why = if stop.is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst)) {
+                    "the link changed during the upload: what is sealed waits in the spool \
+                     and the next run goes as the new link's policy allows"
+                        .to_string()
+                } else {
+                    error.to_string()
+                };
+                unreachable = Some(why.clone());
+                SetResult::Queued { why, summary: None }
             }
             (Err(error), _) => SetResult::Failed(format!("{error:#}")),
         };
@@ -303,6 +316,29 @@ pub fn backup_sets(
         remote.close();
     }
     Ok(outcomes)
+}
+
+/// A meter that grants nothing once `stop` is set (the link changed): the write
+/// in progress ends with `BudgetExhausted`, the upload stops at the next frame,
+/// and what was cut resumes later.
+struct Stoppable {
+    inner: std::sync::Arc<dyn homing_transfer::stream::Meter>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl homing_transfer::stream::Meter for Stoppable {
+    fn reserve(&self, want: usize) -> usize {
+        if self.stop.load(std::sync::atomic::Ordering::SeqCst) {
+            return 0;
+        }
+        self.inner.reserve(want)
+    }
+    fn settle(&self, reserved: usize, sent: usize) {
+        self.inner.settle(reserved, sent);
+    }
+    fn received(&self, bytes: usize) {
+        self.inner.received(bytes);
+    }
 }
 
 /// The spool's number for a priority class (0 is the most urgent).

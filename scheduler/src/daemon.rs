@@ -16,6 +16,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -58,6 +59,21 @@ pub struct Status {
     pub error: Option<String>,
 }
 
+/// What the watcher needs to stop a run whose link went away.
+#[derive(Default)]
+struct RunWatch {
+    /// The link of the run in progress.
+    during_run: Mutex<Option<homing_policy::Observation>>,
+    /// Set when the link differs from it: the run's meter grants nothing more.
+    changed: Arc<AtomicBool>,
+}
+
+fn lock_link(
+    link: &Mutex<Option<homing_policy::Observation>>,
+) -> std::sync::MutexGuard<'_, Option<homing_policy::Observation>> {
+    link.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 enum Wake {
     Now,
     Link,
@@ -90,16 +106,30 @@ pub fn run(
         let wake = wake.clone();
         std::thread::spawn(move || watch_signals(&wake));
     }
+    let watch = Arc::new(RunWatch::default());
     {
         let wake = Mutex::new(wake.clone());
+        let watch = Arc::clone(&watch);
+        let store = Config::load(&paths.config).map(|c| c.store.address).ok();
         if let Err(error) = crate::network::watch(move || {
+            // During a run: has the link itself changed (not a neighbour
+            // refresh)? Then the run's upload stops at its next write.
+            let during = lock_link(&watch.during_run).clone();
+            if let (Some(during), Some(store)) = (during, &store) {
+                let now = crate::network::observe(store).map(|l| l.observation);
+                if now.as_ref() != Some(&during) {
+                    watch.changed.store(true, Ordering::SeqCst);
+                }
+            }
             let _ = lock_sender(&wake).send(Wake::Link);
         }) {
             tracing::warn!(%error, "no link events: the link is looked at every few seconds");
         }
     }
     tracing::info!(socket = %socket.display(), "homing daemon started");
-    let result = main_loop(paths, &keys, &db, interval, &status, &wakes);
+    // The first run is at once, not after the first look at the clock.
+    let _ = wake.send(Wake::Now);
+    let result = main_loop(paths, &keys, &db, interval, &status, &wakes, &watch);
     let _ = std::fs::remove_file(&socket);
     tracing::info!("homing daemon stopped");
     result.map(|()| ExitCode::SUCCESS)
@@ -112,6 +142,7 @@ fn main_loop(
     interval: Duration,
     status: &Arc<Mutex<Status>>,
     wakes: &Receiver<Wake>,
+    watch: &RunWatch,
 ) -> anyhow::Result<()> {
     let interval_span = i64::try_from(interval.as_secs())
         .unwrap_or(i64::MAX)
@@ -146,7 +177,12 @@ fn main_loop(
             continue;
         }
         lock(status).running = true;
-        let outcome = run_once(paths, keys, db);
+        // The link this run goes over: when the watcher sees another, the run's
+        // upload stops at its next write.
+        *lock_link(&watch.during_run) = link.clone();
+        watch.changed.store(false, Ordering::SeqCst);
+        let outcome = run_once(paths, keys, db, &watch.changed);
+        *lock_link(&watch.during_run) = None;
         let finished = Timestamp::now();
         if due {
             next = finished.checked_add(interval_span).unwrap_or(finished);
@@ -174,13 +210,14 @@ fn run_once(
     paths: &Paths,
     keys: &homing_crypto::KeyRing,
     db: &Arc<redb::Database>,
+    stop: &Arc<AtomicBool>,
 ) -> anyhow::Result<(String, Vec<serde_json::Value>)> {
     let config = Config::load(&paths.config)?;
     if config.sets.is_empty() {
         bail!("no backup sets are configured: add [[set]] sections to config.toml");
     }
     let plan = crate::policy::plan(paths, &config.store.address)?;
-    let outcomes = backup_sets(paths, &config, keys, db, &config.sets, false)?;
+    let outcomes = backup_sets(paths, &config, keys, db, &config.sets, false, Some(stop))?;
     let mut sets = Vec::new();
     for outcome in &outcomes {
         match &outcome.result {

@@ -59,10 +59,9 @@ fn store(db: &Database, network: &str, ledger: &Ledger, from: i64) -> anyhow::Re
 /// budget, not a megabyte); without a cap, 4 MiB (nothing to protect, and fast
 /// links would otherwise write the ledger hundreds of times a second).
 fn chunk(policy: &Policy) -> u64 {
-    policy
-        .budget
-        .as_ref()
-        .map_or(4 << 20, |b| (b.allowance() / 1000).clamp(16 << 10, 256 << 10))
+    policy.budget.as_ref().map_or(4 << 20, |b| {
+        (b.allowance() / 1000).clamp(16 << 10, 256 << 10)
+    })
 }
 
 /// A [`Meter`] backed by a network's persisted ledger.

@@ -398,3 +398,65 @@ fn backups_killed_mid_upload_never_leave_the_ledger_below_the_kernels_count() {
         "the ledger ({spent}) over-counts the kernel ({kernel}) by more than the kills explain"
     );
 }
+
+#[test]
+fn the_daemon_stops_an_upload_when_the_link_changes_under_it() {
+    if !can_run() {
+        return;
+    }
+    let lab = Lab::up("hmswitch", "1mbit");
+    let rig = rig(&lab, "[match]\ninterface = \"nlc0\"\n");
+    // Once the link has an address in 10.99.0.0/24, it is another network, one
+    // that carries critical sets only.
+    std::fs::write(
+        rig.config.join("policies/narrow.toml"),
+        "[match]\ninterface = \"nlc0\"\nprefix = \"10.99.0.0/24\"\n\n[link]\nclasses = [\"critical\"]\n",
+    )
+    .expect("a policy");
+    let src = rig.home.path().join("src");
+    std::fs::create_dir(&src).expect("a directory");
+    std::fs::write(src.join("big.bin"), noise(3_000_000, 7)).expect("data");
+    let mut config = std::fs::read_to_string(rig.config.join("config.toml")).expect("config");
+    config.push_str(&format!(
+        "\n[[set]]\nname = \"home\"\npaths = [\"{}\"]\n",
+        src.display()
+    ));
+    std::fs::write(rig.config.join("config.toml"), config).expect("config");
+    let mut daemon = lab
+        .exec("CLIENT_NS", &binary("homing"))
+        .arg("--config")
+        .arg(&rig.config)
+        .args(["daemon"])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(rig.home.path().join("daemon.log")).expect("a log"))
+        .spawn()
+        .expect("the daemon starts");
+    // At 1 Mbit/s the 3 MB take about 25 s: switch networks a few seconds in.
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    let (before, _) = lab.client_counters();
+    let status = lab
+        .exec("CLIENT_NS", Path::new("ip"))
+        .args(["addr", "add", "10.99.0.1/24", "dev", "nlc0"])
+        .status()
+        .expect("ip runs");
+    assert!(status.success());
+    let (at_change, _) = lab.client_counters();
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    let (after, _) = lab.client_counters();
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    let log = std::fs::read_to_string(rig.home.path().join("daemon.log")).unwrap_or_default();
+    let trailing = after - at_change;
+    eprintln!("sent in the first 4 s: {before} bytes; after the link changed: {trailing}");
+    assert!(
+        before > 200_000,
+        "the upload had not started: {before}\n{log}"
+    );
+    assert!(log.contains("the link changed during the upload"), "{log}");
+    // One second at 1 Mbit/s is 125 kB; the shaper's queue holds some more.
+    assert!(
+        trailing < 400_000,
+        "the upload went on after the link changed: {trailing} bytes"
+    );
+}

@@ -296,8 +296,9 @@ pub fn backup_sets(
                     drop(remote);
                 }
                 let why = if stop.is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst)) {
-                    "the link changed during the upload: what is sealed waits in the spool \
-                     and the next run goes as the new link's policy allows"
+                    "the upload was stopped (the link changed, or the daemon is stopping): \
+                     what is sealed waits in the spool, and the next run goes as the link's \
+                     policy then allows"
                         .to_string()
                 } else {
                     error.to_string()

@@ -102,11 +102,12 @@ pub fn run(
         let (status, wake) = (Arc::clone(&status), wake.clone());
         std::thread::spawn(move || serve_control(&listener, &status, &wake));
     }
+    let watch = Arc::new(RunWatch::default());
     {
         let wake = wake.clone();
-        std::thread::spawn(move || watch_signals(&wake));
+        let stop = Arc::clone(&watch.changed);
+        std::thread::spawn(move || watch_signals(&wake, &stop));
     }
-    let watch = Arc::new(RunWatch::default());
     {
         let wake = Mutex::new(wake.clone());
         let watch = Arc::clone(&watch);
@@ -296,7 +297,9 @@ fn serve_control(listener: &UnixListener, status: &Arc<Mutex<Status>>, wake: &Se
     }
 }
 
-fn watch_signals(wake: &Sender<Wake>) {
+/// SIGTERM and SIGINT stop the daemon: a run in progress stops uploading at its
+/// next write (its ledger settles as its meter goes), then the loop ends.
+fn watch_signals(wake: &Sender<Wake>, stop: &AtomicBool) {
     let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -314,8 +317,8 @@ fn watch_signals(wake: &Sender<Wake>) {
         };
         loop {
             tokio::select! {
-                _ = term.recv() => { let _ = wake.send(Wake::Stop); return; }
-                _ = int.recv() => { let _ = wake.send(Wake::Stop); return; }
+                _ = term.recv() => { stop.store(true, Ordering::SeqCst); let _ = wake.send(Wake::Stop); return; }
+                _ = int.recv() => { stop.store(true, Ordering::SeqCst); let _ = wake.send(Wake::Stop); return; }
                 _ = hup.recv() => { let _ = wake.send(Wake::Reload); }
             }
         }

@@ -303,7 +303,15 @@ pub fn backup_sets(
                 } else {
                     error.to_string()
                 };
-                unreachable = Some(why.clone());
+                unreachable = Some(
+                    if stop.is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst)) {
+                        why.clone()
+                    } else {
+                        "the data budget of this network ran out during an earlier set's upload; \
+                     this set waits in the spool"
+                            .to_string()
+                    },
+                );
                 SetResult::Queued { why, summary: None }
             }
             (Err(error), _) => SetResult::Failed(format!("{error:#}")),

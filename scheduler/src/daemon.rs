@@ -93,7 +93,9 @@ pub fn run(
     let master = crate::key::load(&paths.key_file(), passphrase_file)?;
     let keys = master.key_ring();
     drop(master);
-    let db = Arc::new(crate::state::open(&paths.state)?);
+    // The state is checked once here (a damaged or locked database says so at
+    // start) and then opened by each run only.
+    drop(crate::state::open(&paths.state)?);
     let status = Arc::new(Mutex::new(Status::default()));
     let (wake, wakes) = std::sync::mpsc::channel();
     let socket = socket_path(paths);
@@ -130,7 +132,7 @@ pub fn run(
     tracing::info!(socket = %socket.display(), "homing daemon started");
     // The first run is at once, not after the first look at the clock.
     let _ = wake.send(Wake::Now);
-    let result = main_loop(paths, &keys, &db, interval, &status, &wakes, &watch);
+    let result = main_loop(paths, &keys, interval, &status, &wakes, &watch);
     let _ = std::fs::remove_file(&socket);
     tracing::info!("homing daemon stopped");
     result.map(|()| ExitCode::SUCCESS)
@@ -139,7 +141,6 @@ pub fn run(
 fn main_loop(
     paths: &Paths,
     keys: &homing_crypto::KeyRing,
-    db: &Arc<redb::Database>,
     interval: Duration,
     status: &Arc<Mutex<Status>>,
     wakes: &Receiver<Wake>,
@@ -151,30 +152,43 @@ fn main_loop(
     // The first run is at once.
     let mut next = Timestamp::now();
     let mut link = None;
+    let mut looked = Timestamp::UNIX_EPOCH;
     loop {
-        let forced = match wakes.recv_timeout(TICK) {
+        let (forced, event) = match wakes.recv_timeout(TICK) {
             Ok(Wake::Stop) | Err(RecvTimeoutError::Disconnected) => return Ok(()),
             Ok(Wake::Reload) => {
                 tracing::info!("reload: the configuration and policies are read at the next run");
-                true
+                (false, true)
             }
-            Ok(Wake::Now) => true,
-            // A link event: look at the link now (below).
-            Ok(Wake::Link) => false,
-            Err(RecvTimeoutError::Timeout) => false,
+            Ok(Wake::Now) => (true, false),
+            Ok(Wake::Link) => (false, true),
+            Err(RecvTimeoutError::Timeout) => (false, false),
         };
         let paused = lock(status).paused;
         let now = Timestamp::now();
         let due = now >= next;
-        // A new link with something waiting: its policy may let it go now.
-        let seen = Config::load(&paths.config)
-            .ok()
-            .and_then(|c| crate::network::observe(&c.store.address))
-            .map(|l| l.observation);
-        let link_changed = seen != link;
-        link = seen;
-        let waiting = crate::state::spool_size(db).map_or(0, |(bytes, _)| bytes) > 0;
-        if paused || !(forced || due || (link_changed && waiting)) {
+        // The link is looked at on the kernel's events, and otherwise once a
+        // minute (where there are no events): an idle daemon reads no files and
+        // asks no name server every few seconds.
+        let stale = now.as_second() - looked.as_second() >= 60;
+        let mut link_changed = false;
+        if event || stale || forced || due {
+            looked = now;
+            let seen = Config::load(&paths.config)
+                .ok()
+                .and_then(|c| crate::network::observe(&c.store.address))
+                .map(|l| l.observation);
+            link_changed = seen != link;
+            link = seen;
+        }
+        // A new link with something waiting: its policy may let it go now. The
+        // state is opened only to look, so that other commands can use it
+        // between runs.
+        let waiting = link_changed
+            && crate::state::open(&paths.state)
+                .and_then(|db| crate::state::spool_size(&db))
+                .is_ok_and(|(bytes, _)| bytes > 0);
+        if paused || !(forced || due || waiting) {
             continue;
         }
         lock(status).running = true;
@@ -182,7 +196,7 @@ fn main_loop(
         // upload stops at its next write.
         *lock_link(&watch.during_run) = link.clone();
         watch.changed.store(false, Ordering::SeqCst);
-        let outcome = run_once(paths, keys, db, &watch.changed);
+        let outcome = run_once(paths, keys, &watch.changed);
         *lock_link(&watch.during_run) = None;
         let finished = Timestamp::now();
         if due {
@@ -210,10 +224,11 @@ fn main_loop(
 fn run_once(
     paths: &Paths,
     keys: &homing_crypto::KeyRing,
-    db: &Arc<redb::Database>,
     stop: &Arc<AtomicBool>,
 ) -> anyhow::Result<(String, Vec<serde_json::Value>)> {
     let config = Config::load(&paths.config)?;
+    // Open for the run only: between runs other commands use the state.
+    let db = &Arc::new(crate::state::open(&paths.state)?);
     if config.sets.is_empty() {
         bail!("no backup sets are configured: add [[set]] sections to config.toml");
     }

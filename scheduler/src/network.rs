@@ -301,7 +301,11 @@ mod platform_watch {
                         // is a reason to look.
                         Ok(_) => changed(),
                         // ENOBUFS: events were lost; look anyway.
-                        Err(error) if error.raw_os_error() == Some(105) => changed(),
+                        Err(error)
+                            if error.raw_os_error() == Some(nix::errno::Errno::ENOBUFS as i32) =>
+                        {
+                            changed();
+                        }
                         Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
                         Err(error) => {
                             tracing::error!(%error, "the netlink watcher stopped");

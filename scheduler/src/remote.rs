@@ -63,7 +63,7 @@ impl Remote {
                 store.certificate.display()
             );
         }
-        let tls = client::tls_config(&store.ca, &store.certificate, &store.key)?;
+        let tls = tls_config(store)?;
         let connection = runtime
             .block_on(Connection::connect_with_send_buffer(
                 &store.address,
@@ -120,6 +120,32 @@ impl Remote {
             let _ = self.runtime.block_on(connection.close());
         }
     }
+}
+
+/// The TLS settings for `store`, kept for the life of the process (as long as
+/// the credential files do not change): rustls keeps its session tickets in them,
+/// so the daemon's later runs resume their TLS session instead of paying a full
+/// handshake each time.
+fn tls_config(store: &StoreConfig) -> anyhow::Result<std::sync::Arc<rustls::ClientConfig>> {
+    type Key = Vec<(std::path::PathBuf, Option<std::time::SystemTime>)>;
+    static CACHE: std::sync::Mutex<Option<(Key, std::sync::Arc<rustls::ClientConfig>)>> =
+        std::sync::Mutex::new(None);
+    let key: Key = [&store.ca, &store.certificate, &store.key]
+        .into_iter()
+        .map(|p| {
+            let modified = std::fs::metadata(p).and_then(|m| m.modified()).ok();
+            (p.clone(), modified)
+        })
+        .collect();
+    let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((cached, config)) = cache.as_ref()
+        && *cached == key
+    {
+        return Ok(std::sync::Arc::clone(config));
+    }
+    let config = client::tls_config(&store.ca, &store.certificate, &store.key)?;
+    *cache = Some((key, std::sync::Arc::clone(&config)));
+    Ok(config)
 }
 
 /// The store cannot be reached from here now (refused, unreachable, timed out):

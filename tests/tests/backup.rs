@@ -1260,6 +1260,9 @@ fn the_daemon_backs_up_on_start_on_request_and_not_while_paused() {
             .to_string()
     };
     let one = snapshot(&first);
+    // Between runs, other commands use the state.
+    let listed = rig.homing(&["snapshots", "--json"]);
+    assert!(listed.status.success(), "{}", stderr(&listed));
     // On request.
     fs::write(src.join("a.txt"), "second\n").unwrap();
     ok(rig.homing(&["backup-now"]));

@@ -296,7 +296,7 @@ pub fn backup_sets(
                     drop(remote);
                 }
                 let why = if stop.is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst)) {
-                    "the upload was stopped (the link changed, or the daemon is stopping): \
+                    "the upload was stopped (the link changed, the daemon was paused or is stopping): \
                      what is sealed waits in the spool, and the next run goes as the link's \
                      policy then allows"
                         .to_string()

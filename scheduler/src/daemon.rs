@@ -10,7 +10,7 @@
 //!
 //! On Linux a netlink socket wakes the daemon on every link, address, route or
 //! neighbour event, and the link is looked at again at once; elsewhere (and as
-//! a fallback) it is looked at every few seconds.
+//! a fallback) it is looked at once a minute.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -100,11 +100,12 @@ pub fn run(
     let (wake, wakes) = std::sync::mpsc::channel();
     let socket = socket_path(paths);
     let listener = bind(&socket)?;
+    let watch = Arc::new(RunWatch::default());
     {
         let (status, wake) = (Arc::clone(&status), wake.clone());
-        std::thread::spawn(move || serve_control(&listener, &status, &wake));
+        let stop = Arc::clone(&watch.changed);
+        std::thread::spawn(move || serve_control(&listener, &status, &wake, &stop));
     }
-    let watch = Arc::new(RunWatch::default());
     {
         let wake = wake.clone();
         let stop = Arc::clone(&watch.changed);
@@ -126,7 +127,7 @@ pub fn run(
             }
             let _ = lock_sender(&wake).send(Wake::Link);
         }) {
-            tracing::warn!(%error, "no link events: the link is looked at every few seconds");
+            tracing::warn!(%error, "no link events: the link is looked at once a minute");
         }
     }
     tracing::info!(socket = %socket.display(), "homing daemon started");
@@ -153,6 +154,7 @@ fn main_loop(
     let mut next = Timestamp::now();
     let mut link = None;
     let mut looked = Timestamp::UNIX_EPOCH;
+    let mut pending_link = false;
     loop {
         let (forced, event) = match wakes.recv_timeout(TICK) {
             Ok(Wake::Stop) | Err(RecvTimeoutError::Disconnected) => return Ok(()),
@@ -184,10 +186,21 @@ fn main_loop(
         // A new link with something waiting: its policy may let it go now. The
         // state is opened only to look, so that other commands can use it
         // between runs.
-        let waiting = link_changed
-            && crate::state::open(&paths.state)
-                .and_then(|db| crate::state::spool_size(&db))
-                .is_ok_and(|(bytes, _)| bytes > 0);
+        // If another command holds the state just then, look again at the next
+        // tick rather than miss the change.
+        if link_changed {
+            pending_link = true;
+        }
+        let mut waiting = false;
+        if pending_link {
+            match crate::state::open(&paths.state).and_then(|db| crate::state::spool_size(&db)) {
+                Ok((bytes, _)) => {
+                    waiting = bytes > 0;
+                    pending_link = false;
+                }
+                Err(error) => tracing::debug!(%error, "the state is busy; looking again soon"),
+            }
+        }
         if paused || !(forced || due || waiting) {
             continue;
         }
@@ -277,7 +290,12 @@ fn bind(path: &Path) -> anyhow::Result<UnixListener> {
     Ok(listener)
 }
 
-fn serve_control(listener: &UnixListener, status: &Arc<Mutex<Status>>, wake: &Sender<Wake>) {
+fn serve_control(
+    listener: &UnixListener,
+    status: &Arc<Mutex<Status>>,
+    wake: &Sender<Wake>,
+    stop: &AtomicBool,
+) {
     for stream in listener.incoming() {
         let Ok(mut stream) = stream else { continue };
         let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
@@ -289,6 +307,8 @@ fn serve_control(listener: &UnixListener, status: &Arc<Mutex<Status>>, wake: &Se
             "status" => serde_json::to_value(&*lock(status)).unwrap_or_default(),
             "pause" => {
                 lock(status).paused = true;
+                // An upload in progress stops at its next write.
+                stop.store(true, Ordering::SeqCst);
                 serde_json::json!({ "ok": true, "message": "paused: nothing is uploaded until `homing resume`" })
             }
             "resume" => {

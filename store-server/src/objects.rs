@@ -1217,7 +1217,10 @@ impl<B: Backend> ObjectStore<B> {
             }
         }
         if !accepted.is_empty() {
-            let mut buffer = Vec::new();
+            // Sized once: growing it by doubling would copy the batch again and
+            // fault in fresh pages each time.
+            let total: usize = accepted.iter().map(|(i, _)| objects[*i].1.len()).sum();
+            let mut buffer = Vec::with_capacity(total);
             for (i, _) in &accepted {
                 buffer.extend_from_slice(objects[*i].1);
             }

@@ -138,22 +138,50 @@ pub fn decide(
     } else {
         decision.reasons.push(format!("`{name}` has no cap"));
     }
-    let minute = minute_of(policy, now);
-    let mut rate = policy
-        .rate
-        .windows
-        .iter()
-        .find(|(w, _)| w.contains(minute))
-        .map(|(_, r)| *r)
-        .or(policy.rate.bytes_per_second);
-    if let Some(bits) = policy.link.bits_per_second {
-        let line = (bits / 8).max(1);
-        rate = Some(rate.map_or(line, |r| r.min(line)));
-    }
-    decision.rate = rate;
+    decision.rate = policy.rate_at(now);
     decision.send = true;
     decision.classes = classes.into_iter().filter(|c| queue.of(*c) > 0).collect();
     decision
+}
+
+impl Policy {
+    /// The sending rate at `now` in bytes per second (`None`: unlimited): the rate
+    /// of the window `now` falls in, else the base rate, never above the link's
+    /// raw speed. A run keeps it current as windows open and close.
+    pub fn rate_at(&self, now: Timestamp) -> Option<u64> {
+        let minute = minute_of(self, now);
+        let mut rate = self
+            .rate
+            .windows
+            .iter()
+            .find(|(w, _)| w.contains(minute))
+            .map(|(_, r)| *r)
+            .or(self.rate.bytes_per_second);
+        if let Some(bits) = self.link.bits_per_second {
+            let line = (bits / 8).max(1);
+            rate = Some(rate.map_or(line, |r| r.min(line)));
+        }
+        rate
+    }
+
+    /// The next instant after `now` at which a rate window opens or closes.
+    pub fn next_rate_change(&self, now: Timestamp) -> Option<Timestamp> {
+        let minute = i64::from(minute_of(self, now));
+        let base = now.as_second() - now.as_second().rem_euclid(60);
+        self.rate
+            .windows
+            .iter()
+            .flat_map(|(w, _)| [w.start, w.end])
+            .filter_map(|edge| {
+                let mut ahead = i64::from(edge) - minute;
+                if ahead <= 0 {
+                    ahead += 24 * 60;
+                }
+                Timestamp::from_second(base + ahead * 60).ok()
+            })
+            .filter(|edge| *edge > now)
+            .min()
+    }
 }
 
 fn minute_of(policy: &Policy, now: Timestamp) -> u16 {
@@ -395,6 +423,25 @@ mod tests {
         );
         assert_eq!(evening.rate, Some(100_000));
         assert_eq!(evening.recheck_at, Some(at("2026-11-27T23:00:00Z")));
+    }
+
+    #[test]
+    fn the_rate_follows_the_clock_through_its_windows() {
+        let hotel = policy(
+            "[rate]\nbytes_per_second = \"1 MB\"\nwindows = [{ hours = \"18:00-23:00\", bytes_per_second = \"100 kB\" }]\n[link]\nbits_per_second = 4000000\n",
+        );
+        assert_eq!(hotel.rate_at(at("2026-11-27T10:00:00Z")), Some(500_000));
+        assert_eq!(hotel.rate_at(at("2026-11-27T18:30:00Z")), Some(100_000));
+        assert_eq!(
+            hotel.next_rate_change(at("2026-11-27T10:00:00Z")),
+            Some(at("2026-11-27T18:00:00Z"))
+        );
+        assert_eq!(
+            hotel.next_rate_change(at("2026-11-27T18:30:10Z")),
+            Some(at("2026-11-27T23:00:00Z"))
+        );
+        let flat = policy("[rate]\nbytes_per_second = \"1 MB\"\n");
+        assert_eq!(flat.next_rate_change(at("2026-11-27T10:00:00Z")), None);
     }
 
     #[test]

@@ -197,6 +197,9 @@ pub fn backup_sets(
         .collect::<anyhow::Result<_>>()?;
     let mut remote = None;
     let mut unreachable = None;
+    // Ends the rate follower when the sets are done.
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let _done = SetOnDrop(std::sync::Arc::clone(&done));
     if decisions.iter().any(|d| d.send) {
         let rate = decisions
             .iter()
@@ -204,6 +207,9 @@ pub fn backup_sets(
             .find_map(|d| d.rate)
             .and_then(|r| std::num::NonZeroU32::new(u32::try_from(r).unwrap_or(u32::MAX)))
             .map_or_else(Rate::unlimited, Rate::limited);
+        if let Some(policy) = &plan.policy {
+            follow_rate(policy.clone(), rate.clone(), std::sync::Arc::clone(&done));
+        }
         let meter: std::sync::Arc<dyn homing_transfer::stream::Meter> = match &plan.policy {
             Some(policy) => std::sync::Arc::new(LedgerMeter::new(
                 std::sync::Arc::clone(db),
@@ -325,6 +331,46 @@ pub fn backup_sets(
         remote.close();
     }
     Ok(outcomes)
+}
+
+/// Keeps a run's rate on the policy's rate for the time of day: at each edge of a
+/// rate window the new rate applies to the next write (the metered stream takes
+/// rate changes live). Stops when `done` is set.
+fn follow_rate(
+    policy: homing_policy::Policy,
+    rate: Rate,
+    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    use std::sync::atomic::Ordering;
+    if policy.rate.windows.is_empty() {
+        return;
+    }
+    std::thread::spawn(move || {
+        while !done.load(Ordering::SeqCst) {
+            let now = jiff::Timestamp::now();
+            let Some(edge) = policy.next_rate_change(now) else {
+                return;
+            };
+            // In steps of a second, to notice the end of the run.
+            while !done.load(Ordering::SeqCst) && jiff::Timestamp::now() < edge {
+                std::thread::sleep(std::time::Duration::from_secs(1));
+            }
+            let bytes = policy
+                .rate_at(jiff::Timestamp::now())
+                .and_then(|r| std::num::NonZeroU32::new(u32::try_from(r).unwrap_or(u32::MAX)));
+            tracing::info!(rate = ?bytes, "a rate window of the link's policy opened or closed");
+            rate.set(bytes);
+        }
+    });
+}
+
+/// Sets its flag when dropped (however the function holding it ends).
+struct SetOnDrop(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for SetOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 /// A meter that grants nothing once `stop` is set (the link changed): the write

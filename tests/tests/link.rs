@@ -41,6 +41,11 @@ struct Lab {
 
 impl Lab {
     fn up(name: &str, rate: &str) -> Self {
+        Self::up_queue(name, rate, 2000)
+    }
+
+    /// A lab whose shaper queues at most `queue_ms` of traffic.
+    fn up_queue(name: &str, rate: &str, queue_ms: u32) -> Self {
         let _ = Command::new("bash")
             .arg(netlab())
             .args(["down", name])
@@ -48,6 +53,7 @@ impl Lab {
         let out = Command::new("bash")
             .arg(netlab())
             .args(["up", name, rate, "0", "0"])
+            .env("NETLAB_QUEUE_MS", queue_ms.to_string())
             .output()
             .expect("netlab runs");
         assert!(
@@ -404,8 +410,15 @@ fn the_daemon_stops_an_upload_when_the_link_changes_under_it() {
     if !can_run() {
         return;
     }
-    let lab = Lab::up("hmswitch", "1mbit");
-    let rig = rig(&lab, "[match]\ninterface = \"nlc0\"\n");
+    // A short shaper queue: what the kernel still holds when the upload stops is
+    // small, so that the stop itself is what the counters show.
+    let lab = Lab::up_queue("hmswitch", "1mbit", 300);
+    // A budget (a generous one) gives the connection a small send buffer, as on
+    // any capped link.
+    let rig = rig(
+        &lab,
+        "[match]\ninterface = \"nlc0\"\n\n[budget]\nbytes = \"1 GB\"\nperiod = \"day\"\n",
+    );
     // Once the link has an address in 10.99.0.0/24, it is another network, one
     // that carries critical sets only.
     std::fs::write(
@@ -442,21 +455,30 @@ fn the_daemon_stops_an_upload_when_the_link_changes_under_it() {
         .expect("ip runs");
     assert!(status.success());
     let (at_change, _) = lab.client_counters();
-    std::thread::sleep(std::time::Duration::from_secs(4));
+    // What was in the kernel's hands drains within a second; after that the
+    // link is quiet (the new network carries no normal sets).
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let (drained, _) = lab.client_counters();
+    std::thread::sleep(std::time::Duration::from_secs(3));
     let (after, _) = lab.client_counters();
     let _ = daemon.kill();
     let _ = daemon.wait();
     let log = std::fs::read_to_string(rig.home.path().join("daemon.log")).unwrap_or_default();
-    let trailing = after - at_change;
-    eprintln!("sent in the first 4 s: {before} bytes; after the link changed: {trailing}");
+    let draining = drained - at_change;
+    let later = after - drained;
+    eprintln!(
+        "sent in the first 4 s: {before} bytes; in the 1.5 s after the link changed: \
+         {draining}; in the 3 s after that: {later}"
+    );
     assert!(
         before > 200_000,
         "the upload had not started: {before}\n{log}"
     );
     assert!(log.contains("the upload was stopped"), "{log}");
-    // One second at 1 Mbit/s is 125 kB; the shaper's queue holds some more.
+    // 1.5 s at 1 Mbit/s would be 190 kB: far less goes.
     assert!(
-        trailing < 400_000,
-        "the upload went on after the link changed: {trailing} bytes"
+        draining < 120_000,
+        "the upload went on after the link changed: {draining} bytes"
     );
+    assert!(later < 10_000, "the link was not quiet: {later} bytes");
 }

@@ -139,9 +139,9 @@ impl Ledger {
         }
     }
 
-    /// The buckets, to persist.
-    pub fn buckets(&self) -> impl Iterator<Item = (i64, Tally)> + '_ {
-        self.buckets.iter().map(|(k, v)| (*k, *v))
+    /// The buckets from second `from` on, to persist (those a change touched).
+    pub fn buckets_from(&self, from: i64) -> impl Iterator<Item = (i64, Tally)> + '_ {
+        self.buckets.range(from..).map(|(k, v)| (*k, *v))
     }
 
     /// Charges `wire` bytes at `now` (counted when the budget counts now).

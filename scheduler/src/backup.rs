@@ -22,7 +22,6 @@
 
 use std::collections::BTreeMap;
 use std::fs::{File, Metadata};
-use std::io::Read;
 use std::ops::Bound;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -303,8 +302,7 @@ pub fn backup(run: Run<'_>, set: &BackupSet) -> anyhow::Result<Summary> {
     let mut scan = Scan::new(run, set, excludes)?;
     // What an interrupted run left in the spool goes first.
     scan.upload_spool()?;
-    let root_meta = std::fs::metadata("/").context("cannot stat /")?;
-    let root = scan.virtual_dir(Path::new("/"), &roots, &root_meta)?;
+    let root = scan.virtual_dir(Path::new("/"), &roots)?;
     let root = root.context("nothing to back up: every path is missing or unreadable")?;
     scan.finish_index()?;
     scan.upload_spool()?;
@@ -800,12 +798,7 @@ impl<'a> Scan<'a> {
     }
 
     /// The tree of a directory that leads to selected paths (or is one).
-    fn virtual_dir(
-        &mut self,
-        path: &Path,
-        node: &Node,
-        meta: &Metadata,
-    ) -> anyhow::Result<Option<ObjectId>> {
+    fn virtual_dir(&mut self, path: &Path, node: &Node) -> anyhow::Result<Option<ObjectId>> {
         let mut entries = Vec::new();
         for (name, child) in &node.children {
             let child_path = path.join(std::ffi::OsStr::from_bytes(name));
@@ -827,7 +820,7 @@ impl<'a> Scan<'a> {
                 self.root_device = Some(child_meta.dev());
                 self.entry(&child_path, name.clone(), &child_meta)?
             } else if child_meta.is_dir() {
-                self.virtual_dir(&child_path, child, &child_meta)?
+                self.virtual_dir(&child_path, child)?
                     .map(|id| make_entry(name.clone(), &child_meta, Kind::Dir(id)))
             } else {
                 self.problem(&child_path, "not a directory", &"a path leads through it");
@@ -838,7 +831,6 @@ impl<'a> Scan<'a> {
         if entries.is_empty() && !node.selected && path != Path::new("/") {
             return Ok(None);
         }
-        let _ = meta;
         self.tree(&entries).map(Some)
     }
 
@@ -861,7 +853,7 @@ impl<'a> Scan<'a> {
         let kind = meta.file_type();
         if kind.is_dir() {
             Ok(self
-                .dir(path, meta)?
+                .dir(path)?
                 .map(|id| make_entry(name, meta, Kind::Dir(id))))
         } else if kind.is_file() {
             Ok(self.file(path, meta)?.map(|k| make_entry(name, meta, k)))
@@ -885,7 +877,7 @@ impl<'a> Scan<'a> {
         }
     }
 
-    fn dir(&mut self, path: &Path, _meta: &Metadata) -> anyhow::Result<Option<ObjectId>> {
+    fn dir(&mut self, path: &Path) -> anyhow::Result<Option<ObjectId>> {
         let listing = match std::fs::read_dir(path) {
             Ok(listing) => listing,
             Err(error) => {
@@ -1345,13 +1337,6 @@ fn index_entry(meta: &Metadata, content: Content, chunks: Vec<ObjectId>) -> Inde
         content,
         chunks,
     }
-}
-
-/// Reads a whole file (helper for callers that want plain bytes).
-pub fn read_all(path: &Path) -> std::io::Result<Vec<u8>> {
-    let mut bytes = Vec::new();
-    File::open(path)?.read_to_end(&mut bytes)?;
-    Ok(bytes)
 }
 
 #[cfg(test)]

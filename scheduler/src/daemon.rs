@@ -112,7 +112,7 @@ pub fn run(
         std::thread::spawn(move || watch_signals(&wake, &stop));
     }
     {
-        let wake = Mutex::new(wake.clone());
+        let wake = wake.clone();
         let watch = Arc::clone(&watch);
         let store = Config::load(&paths.config).map(|c| c.store.address).ok();
         if let Err(error) = crate::network::watch(move || {
@@ -125,7 +125,7 @@ pub fn run(
                     watch.changed.store(true, Ordering::SeqCst);
                 }
             }
-            let _ = lock_sender(&wake).send(Wake::Link);
+            let _ = wake.send(Wake::Link);
         }) {
             tracing::warn!(%error, "no link events: the link is looked at once a minute");
         }
@@ -264,10 +264,6 @@ fn run_once(
         sets.push(serde_json::to_value(outcome)?);
     }
     Ok((format!("{}: {}", plan.network, plan.why), sets))
-}
-
-fn lock_sender(sender: &Mutex<Sender<Wake>>) -> std::sync::MutexGuard<'_, Sender<Wake>> {
-    sender.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn lock(status: &Mutex<Status>) -> std::sync::MutexGuard<'_, Status> {

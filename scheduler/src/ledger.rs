@@ -45,7 +45,7 @@ fn store(db: &Database, network: &str, ledger: &Ledger, from: i64) -> anyhow::Re
     let txn = db.begin_write()?;
     {
         let mut table = txn.open_table(LEDGER)?;
-        for (bucket, tally) in ledger.buckets().filter(|(b, _)| *b >= from) {
+        for (bucket, tally) in ledger.buckets_from(from) {
             table.insert((network, bucket), (tally.counted, tally.raw))?;
         }
     }

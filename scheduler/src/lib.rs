@@ -20,9 +20,8 @@
 //! - [`policy`]: `homing policy check`, network policies through `homing-policy`;
 //! - [`logging`]: tracing set-up for the binary.
 //!
-//! Commands of a later release are recognised and refused with a clear message
-//! and exit code 2 (none at the moment), so that a script never mistakes them for
-//! having worked; unknown commands exit 2 as well.
+//! Unknown commands are refused with a clear message and exit code 2, so that a
+//! script never mistakes them for having worked.
 
 pub mod backup;
 pub mod cli;
@@ -84,19 +83,11 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// Commands that later issues implement.
-const PLANNED: &[(&str, &str)] = &[];
-
 fn unavailable(words: &[std::ffi::OsString]) -> ExitCode {
     let name = words
         .first()
         .map(|w| w.to_string_lossy().into_owned())
         .unwrap_or_default();
-    match PLANNED.iter().find(|(planned, _)| *planned == name) {
-        Some((_, what)) => eprintln!(
-            "homing: `homing {name}` ({what}) is not implemented in this build yet; nothing was done"
-        ),
-        None => eprintln!("homing: unknown command `{name}`; see `homing --help`"),
-    }
+    eprintln!("homing: unknown command `{name}`; see `homing --help`");
     ExitCode::from(EXIT_UNAVAILABLE)
 }

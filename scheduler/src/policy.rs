@@ -60,9 +60,8 @@ fn watch(paths: &crate::paths::Paths) -> anyhow::Result<ExitCode> {
     use std::io::Write;
     let config = crate::config::Config::load(&paths.config)?;
     let (events, wakes) = std::sync::mpsc::channel();
-    let events = std::sync::Mutex::new(events);
     if let Err(error) = crate::network::watch(move || {
-        let _ = events.lock().unwrap_or_else(|p| p.into_inner()).send(());
+        let _ = events.send(());
     }) {
         eprintln!("homing: no link events ({error}): looking every five seconds");
     }

@@ -86,16 +86,6 @@ pub enum ClientError {
     },
 }
 
-impl ClientError {
-    /// The typed reason of a refusal, if the store gave one.
-    pub fn wire_error(&self) -> Option<&WireError> {
-        match self {
-            Self::Store(error) | Self::Refused { error, .. } => Some(error),
-            _ => None,
-        }
-    }
-}
-
 /// TLS settings of a client: trust only the store's CA, present the account's
 /// certificate, TLS 1.3 only, session resumption through rustls' memory cache.
 ///
@@ -326,11 +316,6 @@ impl Connection {
     /// Bytes this connection sent and received, TLS included.
     pub fn traffic(&self) -> Arc<Traffic> {
         Arc::clone(&self.traffic)
-    }
-
-    /// Sends smaller `Put` pieces (a thin link loses at most one piece to a cut).
-    pub fn set_piece_size(&mut self, bytes: usize) {
-        self.piece = bytes.clamp(1, self.piece.max(1));
     }
 
     async fn flush(&mut self) -> Result<(), ClientError> {

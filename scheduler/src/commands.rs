@@ -98,7 +98,14 @@ pub fn backup(paths: &Paths, args: &BackupArgs) -> anyhow::Result<ExitCode> {
         }]
     };
     let progress = !args.json && std::io::stderr().is_terminal();
-    let outcomes = backup_sets(paths, &config, &keys, &db, &sets, progress, None)?;
+    let plan = policy::plan(paths, &config.store.address)?;
+    let client = Client {
+        paths,
+        config: &config,
+        keys: &keys,
+        db: &db,
+    };
+    let outcomes = backup_sets(&client, &plan, &sets, progress, None)?;
     let mut summaries: Vec<&Summary> = Vec::new();
     let (mut failed, mut waiting) = (0, 0);
     for outcome in &outcomes {
@@ -169,31 +176,48 @@ pub enum SetResult {
     Failed(String),
 }
 
+/// What a backup run works with: where things are, the configuration, the keys
+/// and the state.
+#[derive(Clone, Copy)]
+pub struct Client<'a> {
+    /// Configuration and state directories.
+    pub paths: &'a Paths,
+    /// The configuration.
+    pub config: &'a Config,
+    /// The owner's keys.
+    pub keys: &'a homing_crypto::KeyRing,
+    /// The state database.
+    pub db: &'a std::sync::Arc<redb::Database>,
+}
+
 /// Backs up `sets` as the link's policy allows: the engine of `homing backup` and
 /// of the daemon's runs.
 ///
 /// # Errors
 /// Bad policy files and database errors; a set's own failure is its outcome.
 pub fn backup_sets(
-    paths: &Paths,
-    config: &Config,
-    keys: &homing_crypto::KeyRing,
-    db: &std::sync::Arc<redb::Database>,
+    client: &Client<'_>,
+    plan: &policy::Plan,
     sets: &[BackupSet],
     progress: bool,
     stop: Option<&std::sync::Arc<std::sync::atomic::AtomicBool>>,
 ) -> anyhow::Result<Vec<SetOutcome>> {
+    let Client {
+        paths,
+        config,
+        keys,
+        db,
+    } = *client;
     let host = nix::unistd::gethostname()
         .map(|h| h.to_string_lossy().into_owned())
         .unwrap_or_default();
-    // The link's policy: which sets may upload now, at which rate, charged to
-    // which network's ledger.
-    let plan = policy::plan(paths, &config.store.address)?;
+    // The link's policy (`plan`): which sets may upload now, at which rate,
+    // charged to which network's ledger.
     let now = jiff::Timestamp::now();
     let battery = policy::on_battery();
     let decisions: Vec<homing_policy::Decision> = sets
         .iter()
-        .map(|set| decide_for(&plan, db, set.priority, now, battery))
+        .map(|set| decide_for(plan, db, set.priority, now, battery))
         .collect::<anyhow::Result<_>>()?;
     let mut remote = None;
     let mut unreachable = None;

@@ -246,7 +246,13 @@ fn run_once(
         bail!("no backup sets are configured: add [[set]] sections to config.toml");
     }
     let plan = crate::policy::plan(paths, &config.store.address)?;
-    let outcomes = backup_sets(paths, &config, keys, db, &config.sets, false, Some(stop))?;
+    let client = crate::commands::Client {
+        paths,
+        config: &config,
+        keys,
+        db,
+    };
+    let outcomes = backup_sets(&client, &plan, &config.sets, false, Some(stop))?;
     let mut sets = Vec::new();
     for outcome in &outcomes {
         match &outcome.result {

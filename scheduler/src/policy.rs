@@ -165,6 +165,42 @@ fn explain(paths: &crate::paths::Paths, json: bool) -> anyhow::Result<ExitCode> 
     Ok(ExitCode::SUCCESS)
 }
 
+/// The policies of the configuration's policy directory, checked together;
+/// `None` when there is no such directory.
+///
+/// # Errors
+/// Unreadable files, and every error of the files, each with its file and line.
+pub fn load_set(paths: &crate::paths::Paths) -> anyhow::Result<Option<PolicySet>> {
+    let dir = directory(paths);
+    if !dir.is_dir() {
+        return Ok(None);
+    }
+    let mut files = Vec::new();
+    for entry in
+        std::fs::read_dir(&dir).with_context(|| format!("cannot list {}", dir.display()))?
+    {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            files.push((path, text));
+        }
+    }
+    files.sort();
+    PolicySet::load(files.iter().map(|(p, t)| (p.as_path(), t.as_str())))
+        .map(Some)
+        .map_err(|errors| {
+            anyhow::anyhow!(
+                "the network policies do not load:\n{}",
+                errors
+                    .iter()
+                    .map(|e| format!("  {e}"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            )
+        })
+}
+
 /// Which policy governs uploads from here now.
 #[derive(Debug, Clone)]
 pub struct Plan {
@@ -188,38 +224,16 @@ pub fn directory(paths: &crate::paths::Paths) -> PathBuf {
 /// # Errors
 /// Unreadable or bad policy files (every error, each with its file and line).
 pub fn plan(paths: &crate::paths::Paths, store: &str) -> anyhow::Result<Plan> {
-    let dir = directory(paths);
-    if !dir.is_dir() {
+    let Some(set) = load_set(paths)? else {
         return Ok(Plan {
             network: "any".into(),
             policy: None,
-            why: format!("no policy directory ({}): no caps apply", dir.display()),
+            why: format!(
+                "no policy directory ({}): no caps apply",
+                directory(paths).display()
+            ),
         });
-    }
-    let mut files = Vec::new();
-    for entry in
-        std::fs::read_dir(&dir).with_context(|| format!("cannot list {}", dir.display()))?
-    {
-        let path = entry?.path();
-        if path.extension().is_some_and(|e| e == "toml") {
-            let text = std::fs::read_to_string(&path)
-                .with_context(|| format!("cannot read {}", path.display()))?;
-            files.push((path, text));
-        }
-    }
-    files.sort();
-    let set = PolicySet::load(files.iter().map(|(p, t)| (p.as_path(), t.as_str()))).map_err(
-        |errors| {
-            anyhow::anyhow!(
-                "the network policies do not load:\n{}",
-                errors
-                    .iter()
-                    .map(|e| format!("  {e}"))
-                    .collect::<Vec<_>>()
-                    .join("\n")
-            )
-        },
-    )?;
+    };
     let Some(link) = crate::network::observe(store) else {
         let policy = set
             .select(&homing_policy::Observation::default())?

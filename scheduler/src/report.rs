@@ -5,8 +5,7 @@
 use std::collections::BTreeMap;
 use std::process::ExitCode;
 
-use anyhow::Context;
-use homing_policy::{Ledger, Policy, PolicySet, Span};
+use homing_policy::{Ledger, Policy, Span};
 use jiff::{Timestamp, ToSpan};
 use redb::{ReadableDatabase, ReadableTable};
 use serde::Serialize;
@@ -73,29 +72,7 @@ pub fn build(paths: &Paths, days: u32, now: Timestamp) -> anyhow::Result<Report>
             }
         }
     }
-    let dir = crate::policy::directory(paths);
-    if dir.is_dir() {
-        let mut files = Vec::new();
-        for entry in std::fs::read_dir(&dir)? {
-            let path = entry?.path();
-            if path.extension().is_some_and(|e| e == "toml") {
-                let text = std::fs::read_to_string(&path)
-                    .with_context(|| format!("cannot read {}", path.display()))?;
-                files.push((path, text));
-            }
-        }
-        let set = PolicySet::load(files.iter().map(|(p, t)| (p.as_path(), t.as_str()))).map_err(
-            |errors| {
-                anyhow::anyhow!(
-                    "the network policies do not load:\n{}",
-                    errors
-                        .iter()
-                        .map(|e| format!("  {e}"))
-                        .collect::<Vec<_>>()
-                        .join("\n")
-                )
-            },
-        )?;
+    if let Some(set) = crate::policy::load_set(paths)? {
         for policy in set.policies() {
             names.insert(policy.name.clone(), Some(policy.clone()));
         }

@@ -18,6 +18,17 @@ pub struct Queue {
 }
 
 impl Queue {
+    /// One byte of `class` queued: what a decision for that class alone asks.
+    pub fn only(class: Class) -> Self {
+        let mut queue = Self::default();
+        match class {
+            Class::Critical => queue.critical = 1,
+            Class::Normal => queue.normal = 1,
+            Class::Bulk => queue.bulk = 1,
+        }
+        queue
+    }
+
     /// Queued bytes of a class.
     pub fn of(&self, class: Class) -> u64 {
         match class {

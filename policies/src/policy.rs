@@ -6,19 +6,22 @@ use std::net::IpAddr;
 use std::path::Path;
 
 use jiff::tz::TimeZone;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
 use crate::error::PolicyError;
 use crate::size::parse_size;
 
-/// A priority class of a backup set.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+/// A priority class of a backup set (the client's configuration names it too).
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, Serialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Class {
     /// Goes first, and over thin links.
     Critical,
     /// The default.
+    #[default]
     Normal,
     /// Only over generous links.
     Bulk,
@@ -27,6 +30,11 @@ pub enum Class {
 impl Class {
     /// All classes, most urgent first.
     pub const ALL: [Self; 3] = [Self::Critical, Self::Normal, Self::Bulk];
+
+    /// Its number, 0 the most urgent (the client's spool stores it).
+    pub fn index(self) -> u8 {
+        self as u8
+    }
 }
 
 /// What kind of interface a link is.

@@ -268,17 +268,8 @@ pub fn backup_sets(
     let spool_limit = config.spool.limit_mib.saturating_mul(1 << 20);
     // What the link carries may leave the spool, whichever set sealed it.
     let upload_classes: Vec<u8> = match &plan.policy {
-        Some(policy) => policy
-            .link
-            .classes
-            .iter()
-            .map(|c| match c {
-                homing_policy::Class::Critical => 0,
-                homing_policy::Class::Normal => 1,
-                homing_policy::Class::Bulk => 2,
-            })
-            .collect(),
-        None => vec![0, 1, 2],
+        Some(policy) => policy.link.classes.iter().map(|c| c.index()).collect(),
+        None => Priority::ALL.iter().map(|c| c.index()).collect(),
     };
     let mut outcomes = Vec::new();
     for (set, decision) in sets.iter().zip(&decisions) {
@@ -298,7 +289,7 @@ pub fn backup_sets(
                     skip: vec![paths.state.clone(), paths.config.clone()],
                     progress,
                     host: host.clone(),
-                    class: class_number(set.priority),
+                    class: set.priority.index(),
                     upload_classes: upload_classes.clone(),
                 },
                 set,
@@ -420,15 +411,6 @@ impl homing_transfer::stream::Meter for Stoppable {
     }
 }
 
-/// The spool's number for a priority class (0 is the most urgent).
-fn class_number(priority: Priority) -> u8 {
-    match priority {
-        Priority::Critical => 0,
-        Priority::Normal => 1,
-        Priority::Bulk => 2,
-    }
-}
-
 /// The socket send buffer on a capped link (the kernel doubles it).
 const SEND_BUFFER_UNDER_CAP: u32 = 16 * 1024;
 
@@ -451,12 +433,7 @@ fn decide_for(
         });
     };
     let ledger = crate::ledger::load(db, &plan.network)?;
-    let mut queue = homing_policy::Queue::default();
-    match priority {
-        Priority::Critical => queue.critical = 1,
-        Priority::Normal => queue.normal = 1,
-        Priority::Bulk => queue.bulk = 1,
-    }
+    let queue = homing_policy::Queue::only(priority);
     Ok(homing_policy::decide(policy, &ledger, &queue, now, battery))
 }
 

@@ -72,18 +72,8 @@ impl Default for SpoolConfig {
     }
 }
 
-/// Which data may use which links (policies use this; see the daemon).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Priority {
-    /// Goes first and over thin links.
-    Critical,
-    /// The default.
-    #[default]
-    Normal,
-    /// Only over generous links.
-    Bulk,
-}
+/// Which data may use which links: the policy engine's priority class.
+pub use homing_policy::Class as Priority;
 
 /// A backup set: what to back up, under one name.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -100,12 +100,7 @@ fn explain(paths: &crate::paths::Paths, json: bool) -> anyhow::Result<ExitCode> 
     for class in homing_policy::Class::ALL {
         let decision = match &plan.policy {
             Some(policy) => {
-                let mut queue = homing_policy::Queue::default();
-                match class {
-                    homing_policy::Class::Critical => queue.critical = 1,
-                    homing_policy::Class::Normal => queue.normal = 1,
-                    homing_policy::Class::Bulk => queue.bulk = 1,
-                }
+                let queue = homing_policy::Queue::only(class);
                 Some(homing_policy::decide(policy, &ledger, &queue, now, battery))
             }
             None => None,

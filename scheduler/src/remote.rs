@@ -170,8 +170,9 @@ fn explain_connect(error: ClientError, store: &StoreConfig) -> anyhow::Error {
                     | ErrorKind::NetworkUnreachable
                     | ErrorKind::AddrNotAvailable
                     | ErrorKind::NotFound
-            ) || e.to_string().contains("lookup address")
+            )
         }
+        ClientError::Resolve { .. } => true,
         _ => false,
     };
     let hint = match &error {

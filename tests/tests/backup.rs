@@ -1493,3 +1493,33 @@ fn a_store_that_swaps_objects_or_serves_another_accounts_is_caught() {
         }
     }
 }
+
+#[test]
+fn a_store_whose_name_does_not_resolve_leaves_the_backup_sealed_and_waiting() {
+    let rig = Rig::new("0");
+    let src = rig.dir("src");
+    fs::write(src.join("a"), "away from home\n").unwrap();
+    // Away from home, the store's home name means nothing.
+    let config = fs::read_to_string(rig.config.join("config.toml")).unwrap();
+    let away: String = config
+        .lines()
+        .map(|line| {
+            if line.starts_with("address = ") {
+                "address = \"nas.invalid:7473\"\n".to_string()
+            } else {
+                format!("{line}\n")
+            }
+        })
+        .collect();
+    fs::write(rig.config.join("config.toml"), away).unwrap();
+    let out = rig.backup_output(&[&src]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("cannot resolve the store's address nas.invalid:7473"),
+        "{}",
+        stderr(&out)
+    );
+    let sealed = summary(&out);
+    assert_eq!(sealed["queued"], true, "{sealed}");
+    assert!(sealed["objects_sealed"].as_u64().unwrap() > 0, "{sealed}");
+}

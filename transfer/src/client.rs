@@ -61,6 +61,15 @@ pub enum ClientError {
     /// The connection failed (including TLS: refused certificates end up here).
     #[error("connection to the store failed: {0}")]
     Io(#[from] io::Error),
+    /// The store's address does not resolve (no name server, or a name known
+    /// only at home).
+    #[error("cannot resolve the store's address {address}: {source}")]
+    Resolve {
+        /// The address as configured.
+        address: String,
+        /// Why.
+        source: io::Error,
+    },
     /// The store did not answer in time.
     #[error("the store did not answer within {} s", REPLY_TIMEOUT.as_secs())]
     Timeout,
@@ -242,7 +251,14 @@ impl Connection {
     ) -> Result<Self, ClientError> {
         let mut last = None;
         let mut tcp = None;
-        for target in tokio::net::lookup_host(address).await? {
+        let targets =
+            tokio::net::lookup_host(address)
+                .await
+                .map_err(|source| ClientError::Resolve {
+                    address: address.to_string(),
+                    source,
+                })?;
+        for target in targets {
             let socket = if target.is_ipv4() {
                 tokio::net::TcpSocket::new_v4()?
             } else {
@@ -262,12 +278,13 @@ impl Connection {
         let tcp: TcpStream = match tcp {
             Some(tcp) => tcp,
             None => {
-                return Err(ClientError::Io(last.unwrap_or_else(|| {
-                    io::Error::new(
-                        io::ErrorKind::NotFound,
-                        format!("`{address}` resolves to no address"),
-                    )
-                })));
+                return Err(match last {
+                    Some(error) => ClientError::Io(error),
+                    None => ClientError::Resolve {
+                        address: address.to_string(),
+                        source: io::Error::new(io::ErrorKind::NotFound, "no address"),
+                    },
+                });
             }
         };
         tcp.set_nodelay(true)?;

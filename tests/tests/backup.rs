@@ -100,6 +100,17 @@ impl Rig {
         }
     }
 
+    /// Adds a backup set to the client's configuration.
+    fn add_set(&self, name: &str, path: &Path, priority: &str) {
+        let file = self.config.join("config.toml");
+        let mut config = fs::read_to_string(&file).expect("the configuration");
+        config.push_str(&format!(
+            "\n[[set]]\nname = \"{name}\"\npaths = [\"{}\"]\npriority = \"{priority}\"\n",
+            path.display()
+        ));
+        fs::write(file, config).expect("the configuration is written");
+    }
+
     fn homing(&self, args: &[&str]) -> Output {
         homing(&self.config, args)
     }
@@ -1037,13 +1048,8 @@ fn every_snapshot_carries_every_set_so_retention_keeps_them_all() {
     fs::write(docs.join("letter.txt"), "dear store\n").unwrap();
     fs::write(music.join("song.ogg"), bytes(3, 500_000, false)).unwrap();
     let music_state = describe(&music);
-    let mut config = fs::read_to_string(rig.config.join("config.toml")).unwrap();
-    config.push_str(&format!(
-        "\n[[set]]\nname = \"docs\"\npaths = [\"{}\"]\n\n[[set]]\nname = \"music\"\npaths = [\"{}\"]\npriority = \"bulk\"\n",
-        docs.display(),
-        music.display()
-    ));
-    fs::write(rig.config.join("config.toml"), config).unwrap();
+    rig.add_set("docs", &docs, "normal");
+    rig.add_set("music", &music, "bulk");
     let both = rig.homing(&["backup", "--json"]);
     assert!(both.status.success(), "{}", stderr(&both));
     let summaries: serde_json::Value = serde_json::from_slice(&both.stdout).unwrap();
@@ -1221,12 +1227,7 @@ fn the_daemon_backs_up_on_start_on_request_and_not_while_paused() {
     let rig = Rig::new("0");
     let src = rig.dir("src");
     fs::write(src.join("a.txt"), "first\n").unwrap();
-    let mut config = fs::read_to_string(rig.config.join("config.toml")).unwrap();
-    config.push_str(&format!(
-        "\n[[set]]\nname = \"home\"\npaths = [\"{}\"]\n",
-        src.display()
-    ));
-    fs::write(rig.config.join("config.toml"), config).unwrap();
+    rig.add_set("home", &src, "normal");
     let mut daemon = Command::new(binary("homing"))
         .arg("--config")
         .arg(&rig.config)
@@ -1309,13 +1310,8 @@ fn a_link_that_carries_critical_sets_only_leaves_bulk_data_in_the_spool() {
     let media = rig.dir("media");
     fs::write(docs.join("note.txt"), "urgent\n").unwrap();
     fs::write(media.join("film.bin"), bytes(77, 3 << 20, false)).unwrap();
-    let mut config = fs::read_to_string(rig.config.join("config.toml")).unwrap();
-    config.push_str(&format!(
-        "\n[[set]]\nname = \"docs\"\npaths = [\"{}\"]\npriority = \"critical\"\n\n[[set]]\nname = \"media\"\npaths = [\"{}\"]\npriority = \"bulk\"\n",
-        docs.display(),
-        media.display()
-    ));
-    fs::write(rig.config.join("config.toml"), config).unwrap();
+    rig.add_set("docs", &docs, "critical");
+    rig.add_set("media", &media, "bulk");
     let policies = rig.config.join("policies");
     fs::create_dir(&policies).unwrap();
     // Media first: what it seals must not ride along with the critical set.

@@ -353,8 +353,11 @@ impl<B: Backend + 'static> Server<B> {
                 match tokio::time::timeout(Duration::ZERO, tls.read(&mut input)).await {
                     Ok(Ok(read)) => read,
                     Ok(Err(error)) => {
-                        // The connection broke, but what arrived whole is stored.
+                        // The input broke off (a client whose budget ran out
+                        // half-closes mid-record), but what arrived whole is
+                        // stored, and answered if the client still listens.
                         tokio::task::block_in_place(|| self.store_batch(&mut session, &mut output));
+                        let _ = write_out(&mut tls, &mut output).await;
                         return Err(error.into());
                     }
                     Err(_) => {

@@ -11,6 +11,7 @@ use homing_store::backend::{Fault, FaultyBackend, LocalBackend};
 use homing_store::objects::ObjectStore;
 use homing_store::server::Server;
 use homing_transfer::client::{self, ClientError, Connection, Pending};
+use homing_transfer::proto::ObjectState;
 use homing_transfer::stream::{Rate, Unmetered};
 
 fn store_cmd(args: &[&str]) {
@@ -131,4 +132,123 @@ fn no_space_io_errors_and_torn_writes_lose_nothing_acknowledged() {
     assert!(report.damaged.is_empty(), "{:?}", report.damaged);
     assert!(report.lost.is_empty(), "{:?}", report.lost);
     assert_eq!(report.objects, 8);
+}
+
+/// Grants `left` bytes in all, then nothing: a budget that runs out mid-upload.
+struct Allowance(std::sync::atomic::AtomicUsize);
+
+impl homing_transfer::stream::Meter for Allowance {
+    fn reserve(&self, want: usize) -> usize {
+        use std::sync::atomic::Ordering;
+        let mut left = self.0.load(Ordering::SeqCst);
+        loop {
+            let granted = want.min(left);
+            match self
+                .0
+                .compare_exchange(left, left - granted, Ordering::SeqCst, Ordering::SeqCst)
+            {
+                Ok(_) => return granted,
+                Err(now) => left = now,
+            }
+        }
+    }
+    fn settle(&self, reserved: usize, sent: usize) {
+        self.0
+            .fetch_add(reserved - sent, std::sync::atomic::Ordering::SeqCst);
+    }
+    fn received(&self, _bytes: usize) {}
+}
+
+#[test]
+fn a_budget_spent_mid_upload_wastes_nothing_that_arrived_whole() {
+    let home = tempfile::tempdir().expect("a temporary directory");
+    let dir = home.path().join("store");
+    let d = dir.to_str().expect("UTF-8");
+    store_cmd(&["init", d]);
+    store_cmd(&["account", "add", "alice", "--store", d]);
+    let prefix = home.path().join("alice");
+    let p = prefix.to_str().expect("UTF-8");
+    store_cmd(&["ca", "issue", "alice", "--store", d, "--out", p]);
+    let backend = LocalBackend::open(&dir.join("segments")).expect("the segments open");
+    let store = ObjectStore::open(&dir, backend).expect("the store opens");
+    let server = Arc::new(Server::new(&dir, store).expect("a server"));
+    let tls = client::tls_config(
+        Path::new(&format!("{p}-ca.crt")),
+        Path::new(&format!("{p}.crt")),
+        Path::new(&format!("{p}.key")),
+    )
+    .expect("credentials");
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a runtime")
+        .block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("a port");
+            let address = listener.local_addr().expect("an address").to_string();
+            let serving =
+                tokio::spawn(Arc::clone(&server).serve(listener, std::future::pending::<()>()));
+            let objects: Vec<_> = (1..=40).map(|n| object(n, 20_000)).collect();
+            let ids: Vec<ObjectId> = objects.iter().map(|(id, _)| *id).collect();
+            // 300 kB: the handshake and about a dozen objects, then the budget is
+            // spent in the middle of a TLS record.
+            let mut connection = Connection::connect(
+                &address,
+                "localhost",
+                Arc::clone(&tls),
+                Arc::new(Allowance(300_000.into())),
+                Rate::unlimited(),
+            )
+            .await
+            .expect("connected");
+            let pending: Vec<Pending> = ids.iter().map(|id| Pending { id: *id, held: 0 }).collect();
+            let mut acknowledged = Vec::new();
+            let error = connection
+                .upload(
+                    &pending,
+                    |id| Ok(objects.iter().find(|(i, _)| i == id).expect("ours").1.clone()),
+                    |id| {
+                        acknowledged.push(*id);
+                        Ok(())
+                    },
+                )
+                .await
+                .expect_err("the budget runs out");
+            assert!(
+                matches!(&error, ClientError::Io(e) if homing_transfer::stream::BudgetExhausted::is(e)),
+                "{error}"
+            );
+            drop(connection);
+            // Most of what was sent arrived whole, was stored and answered.
+            assert!(acknowledged.len() >= 8, "{}", acknowledged.len());
+            let mut fresh = Connection::connect(
+                &address,
+                "localhost",
+                Arc::clone(&tls),
+                Arc::new(Unmetered),
+                Rate::unlimited(),
+            )
+            .await
+            .expect("connected");
+            let states = fresh.query(&ids).await.expect("answered");
+            let held: Vec<ObjectId> = ids
+                .iter()
+                .zip(&states)
+                .filter(|(_, s)| **s == ObjectState::Stored)
+                .map(|(id, _)| *id)
+                .collect();
+            // The client heard of every object the store holds: none stays in
+            // its spool to be asked about again.
+            acknowledged.sort();
+            let mut held_sorted = held.clone();
+            held_sorted.sort();
+            assert_eq!(acknowledged, held_sorted);
+            for id in &held {
+                let bytes = &objects.iter().find(|(i, _)| i == id).expect("ours").1;
+                assert_eq!(&fresh.get(*id).await.expect("readable"), bytes);
+            }
+            serving.abort();
+        });
 }

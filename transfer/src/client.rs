@@ -30,7 +30,7 @@ use crate::proto::{
     ClientMessage, FrameDecoder, MAX_FRAME_PAYLOAD, MAX_IDS_PER_FRAME, MAX_PIECE, ObjectState,
     PROTOCOL_VERSION, ProtocolError, ServerMessage, SnapshotEntry, WireError,
 };
-use crate::stream::{Meter, MeteredStream, Rate, Traffic};
+use crate::stream::{BudgetExhausted, Meter, MeteredStream, Rate, Traffic};
 
 /// ALPN name of protocol version 1.
 pub const ALPN: &[u8] = b"homing/1";
@@ -43,6 +43,10 @@ pub const FETCH_WINDOW: usize = 4 << 20;
 
 /// How long a reply may take before the connection counts as dead.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// How long an upload the meter stopped waits for the answers to what already
+/// left (they say which objects the store holds; the rest is asked again).
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What went wrong talking to the store.
 #[derive(Debug, thiserror::Error)]
@@ -461,8 +465,10 @@ impl Connection {
                     if offset >= bytes.len() {
                         break;
                     }
-                    if self.out.len() >= 1 << 20 {
-                        self.flush().await?;
+                    if self.out.len() >= 1 << 20
+                        && let Err(error) = self.flush().await
+                    {
+                        return self.stopped(error, in_flight, &mut stored).await;
                     }
                 }
                 let sent = bytes.len() - start;
@@ -470,7 +476,9 @@ impl Connection {
                 window += sent.max(1);
                 in_flight.insert(next.id, (sent.max(1), false));
             }
-            self.flush().await?;
+            if let Err(error) = self.flush().await {
+                return self.stopped(error, in_flight, &mut stored).await;
+            }
             if in_flight.is_empty() {
                 break;
             }
@@ -518,6 +526,53 @@ impl Connection {
             Some(error) => Err(error),
             None => Ok(summary),
         }
+    }
+
+    /// Ends an upload whose sending failed with `error`. When the meter stopped
+    /// it (a spent budget, a changed link), what already left is not wasted: the
+    /// sending side is closed, so the store sees the end of the input rather than
+    /// a reset, stores every whole object that arrived and answers; the answers
+    /// are read for up to [`DRAIN_TIMEOUT`] and each `Stored` goes to `stored`.
+    /// Receiving cannot be refused, only charged. Returns `error` either way; the
+    /// connection cannot send again.
+    async fn stopped<S>(
+        &mut self,
+        error: ClientError,
+        mut in_flight: HashMap<ObjectId, (usize, bool)>,
+        stored: &mut S,
+    ) -> Result<UploadSummary, ClientError>
+    where
+        S: FnMut(&ObjectId) -> io::Result<()>,
+    {
+        let ClientError::Io(io_error) = &error else {
+            return Err(error);
+        };
+        if !BudgetExhausted::is(io_error) {
+            return Err(error);
+        }
+        self.out.clear();
+        let drain = async {
+            // Half-close the TCP connection under TLS: no close_notify (that
+            // would be sending), just the end of the stream.
+            self.tls.get_mut().0.shutdown().await?;
+            while !in_flight.is_empty() {
+                let (id, refusal) = self
+                    .receive(|message| match message {
+                        ServerMessage::Stored { id } => Ok((id, None)),
+                        ServerMessage::Refused { id, error } => Ok((id, Some(error))),
+                        other => Err(other),
+                    })
+                    .await?;
+                in_flight.remove(&id);
+                if refusal.is_none() {
+                    stored(&id)?;
+                }
+            }
+            Ok::<(), ClientError>(())
+        };
+        // Whatever stays unanswered is asked about again by the next run.
+        let _ = tokio::time::timeout(DRAIN_TIMEOUT, drain).await;
+        Err(error)
     }
 
     /// Commits a snapshot: its sealed manifest and the ids it references, on top

@@ -414,9 +414,10 @@ impl Connection {
     /// of it even if a later object fails.
     ///
     /// # Errors
-    /// The first refusal ([`ClientError::Refused`]; `StoreFull` among them) after
-    /// the answers to everything already sent have been read, or a connection
-    /// failure. Objects reported to `stored` before are safe either way.
+    /// The first refusal ([`ClientError::Refused`]; `StoreFull` among them) or
+    /// failure of `load` ([`ClientError::Io`]) after the answers to everything
+    /// already sent have been read, or a connection failure. Objects reported to
+    /// `stored` before are safe either way.
     pub async fn upload<L, S>(
         &mut self,
         pending: &[Pending],
@@ -443,10 +444,23 @@ impl Connection {
                     // Already on its way (listed twice).
                     continue;
                 }
-                let bytes = load(&next.id)?;
-                let total = u32::try_from(bytes.len()).map_err(|_| {
-                    ClientError::Unexpected(format!("object {} is too large", next.id))
-                })?;
+                // A failure to load (or an object too large) stops the sending,
+                // but the answers to what is on its way are still read: the
+                // connection stays usable.
+                let bytes = match load(&next.id) {
+                    Ok(bytes) => bytes,
+                    Err(error) => {
+                        first_error = Some(ClientError::Io(error));
+                        break;
+                    }
+                };
+                let Ok(total) = u32::try_from(bytes.len()) else {
+                    first_error = Some(ClientError::Unexpected(format!(
+                        "object {} is too large",
+                        next.id
+                    )));
+                    break;
+                };
                 let start = (next.held as usize).min(bytes.len());
                 if start > 0 {
                     summary.resumed += 1;

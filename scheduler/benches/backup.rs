@@ -121,19 +121,23 @@ impl Rig {
     }
 
     /// Backs up `path` as set `set`; returns the summary.
+    /// `HOMING_BENCH_WRAP` (words split on spaces, e.g. `perf record -o FILE --`)
+    /// runs the client under a profiler.
     fn backup(&self, set: &str, path: &Path) -> Value {
-        let out = run(
-            &self.homing,
-            &[
-                "--config",
-                self.config.to_str().expect("UTF-8"),
-                "backup",
-                "--json",
-                "--set",
-                set,
-                path.to_str().expect("UTF-8"),
-            ],
-        );
+        let homing = self.homing.to_str().expect("UTF-8");
+        let config = self.config.to_str().expect("UTF-8");
+        let path = path.to_str().expect("UTF-8");
+        let args = ["--config", config, "backup", "--json", "--set", set, path];
+        let out = match std::env::var("HOMING_BENCH_WRAP") {
+            Ok(wrap) if !wrap.trim().is_empty() => {
+                let mut words: Vec<&str> = wrap.split_whitespace().collect();
+                let program = words.remove(0);
+                words.push(homing);
+                words.extend(args);
+                run(Path::new(program), &words)
+            }
+            _ => run(&self.homing, &args),
+        };
         let all: Value = serde_json::from_str(&out).expect("a JSON summary");
         all[0].clone()
     }
@@ -347,6 +351,10 @@ fn main() {
         mb / hash_seconds,
         seconds / hash_seconds
     );
+    if std::env::var_os("HOMING_BENCH_INITIAL_ONLY").is_some() {
+        // For profiling the initial backup (`perf record` around the bench).
+        return;
+    }
     let rescan = rig.backup("laptop", &tree);
     println!(
         "rescan, unchanged: {:.2} s, read {} bytes, sent {} bytes",

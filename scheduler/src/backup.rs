@@ -43,7 +43,8 @@ use serde::Serialize;
 
 use crate::config::BackupSet;
 use crate::remote::{self, Remote};
-use crate::state::{self, IndexEntry, KNOWN, SPOOL, SetHead};
+use crate::spool::{self as spool_files, Damaged, SPOOL_AT, Spool};
+use crate::state::{self, IndexEntry, KNOWN, SetHead};
 
 use crate::tree::{
     Content, Entry, INLINE_IDS, Kind, Manifest, ManifestSummary, OtherSet, encode_list,
@@ -226,6 +227,8 @@ pub struct Run<'a> {
     pub keys: &'a KeyRing,
     /// The local state.
     pub db: &'a Database,
+    /// The spool's files (where [`Run::db`] says each object is).
+    pub spool: &'a mut Spool,
     /// The store; `None` seals into the spool only (the link's policy says no,
     /// or the store is out of reach): the next run uploads.
     pub remote: Option<&'a mut Remote>,
@@ -693,6 +696,8 @@ impl<'a> Scan<'a> {
 
     fn commit_txn(&mut self) -> anyhow::Result<()> {
         if let Some(txn) = self.txn.take() {
+            // The spooled bytes the transaction names are on disk first.
+            self.run.spool.sync()?;
             txn.commit().context("cannot write the local state")?;
         }
         Ok(())
@@ -755,7 +760,7 @@ impl<'a> Scan<'a> {
         if txn.open_table(KNOWN)?.get(id.as_bytes())?.is_some() {
             return Ok(true);
         }
-        if txn.open_table(SPOOL)?.get(id.as_bytes())?.is_none() {
+        if !spool_files::contains(txn, id)? {
             return Ok(false);
         }
         let mut classes = txn.open_table(state::SPOOL_CLASS)?;
@@ -773,12 +778,11 @@ impl<'a> Scan<'a> {
         }
         let len = object.bytes.len() as u64;
         let class = self.run.class;
-        let txn = self.txn()?;
-        txn.open_table(SPOOL)?
-            .insert(object.id.as_bytes(), object.bytes.as_slice())?;
-        txn.open_table(state::SPOOL_CLASS)?
-            .insert(object.id.as_bytes(), class)?;
-        state::add_spool_bytes(txn, len as i64)?;
+        self.txn()?;
+        let txn = self.txn.as_ref().expect("just opened");
+        self.run
+            .spool
+            .append(txn, &object.id, &object.bytes, class)?;
         self.spool_bytes += len;
         self.txn_bytes += len;
         self.summary.bytes_new += u64::from(object.plain_len);
@@ -1179,7 +1183,7 @@ impl<'a> Scan<'a> {
         // older spool, goes with any).
         let ids: Vec<ObjectId> = {
             let txn = self.run.db.begin_read()?;
-            let spool = txn.open_table(SPOOL)?;
+            let spool = txn.open_table(SPOOL_AT)?;
             let classes = txn.open_table(state::SPOOL_CLASS)?;
             let mut ids = Vec::new();
             for item in spool.iter()? {
@@ -1210,18 +1214,18 @@ impl<'a> Scan<'a> {
         }
         let db = self.run.db;
         let read = db.begin_read()?;
-        let spool = read.open_table(SPOOL)?;
+        let locations = read.open_table(SPOOL_AT)?;
         let mut stored = Vec::new();
         let remote = self.run.remote.as_deref_mut().expect("checked above");
+        let files = &mut *self.run.spool;
         let result = remote.run(async |c| {
             c.upload(
                 &pending,
                 |id| {
-                    spool
-                        .get(id.as_bytes())
+                    let location = spool_files::locate(&locations, id)
                         .map_err(std::io::Error::other)?
-                        .map(|v| v.value().to_vec())
-                        .ok_or_else(|| std::io::Error::other(format!("{id} left the spool")))
+                        .ok_or_else(|| std::io::Error::other(format!("{id} left the spool")))?;
+                    files.read(id, &location)
                 },
                 |id| {
                     stored.push(*id);
@@ -1230,7 +1234,7 @@ impl<'a> Scan<'a> {
             )
             .await
         });
-        drop(spool);
+        drop(locations);
         drop(read);
         let stored_count = stored.len();
         done.extend(stored);
@@ -1241,6 +1245,25 @@ impl<'a> Scan<'a> {
                 self.summary.objects_uploaded += summary.objects;
                 self.summary.bytes_uploaded += summary.bytes;
                 Ok(())
+            }
+            Err(ClientError::Io(error)) if error.get_ref().is_some_and(|e| e.is::<Damaged>()) => {
+                // Sending the damaged bytes would store what nobody can read
+                // back: drop the object, and read the files that need it again.
+                let damaged = error
+                    .get_ref()
+                    .and_then(|e| e.downcast_ref::<Damaged>())
+                    .expect("checked");
+                let txn = self.run.db.begin_write()?;
+                let (freed, emptied) = self.run.spool.release(&txn, &[damaged.id])?;
+                state::forget_all_indexes(&txn)?;
+                txn.commit()?;
+                self.run.spool.delete_emptied(&emptied)?;
+                self.spool_bytes = self.spool_bytes.saturating_sub(freed);
+                Err(anyhow::Error::new(CachesReset {
+                    missing: 1,
+                    first: Some(damaged.id),
+                })
+                .context(damaged.to_string()))
             }
             Err(ClientError::Io(error)) if BudgetExhausted::is(&error) => {
                 Err(anyhow::Error::new(BudgetSpent {
@@ -1257,21 +1280,15 @@ impl<'a> Scan<'a> {
     /// Takes objects the store holds out of the spool; returns the bytes freed.
     fn release(&mut self, ids: &[ObjectId]) -> anyhow::Result<u64> {
         let txn = self.run.db.begin_write()?;
-        let mut freed = 0;
+        let (freed, emptied) = self.run.spool.release(&txn, ids)?;
         {
-            let mut spool = txn.open_table(SPOOL)?;
-            let mut classes = txn.open_table(state::SPOOL_CLASS)?;
             let mut known = txn.open_table(KNOWN)?;
             for id in ids {
-                if let Some(bytes) = spool.remove(id.as_bytes())? {
-                    freed += bytes.value().len() as u64;
-                }
-                classes.remove(id.as_bytes())?;
                 known.insert(id.as_bytes(), ())?;
             }
         }
-        state::add_spool_bytes(&txn, -(freed as i64))?;
         txn.commit()?;
+        self.run.spool.delete_emptied(&emptied)?;
         Ok(freed)
     }
 }

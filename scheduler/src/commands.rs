@@ -266,6 +266,7 @@ pub fn backup_sets(
         }
     }
     let spool_limit = config.spool.limit_mib.saturating_mul(1 << 20);
+    let mut spool = crate::spool::Spool::open(db, &paths.state)?;
     // What the link carries may leave the spool, whichever set sealed it.
     let upload_classes: Vec<u8> = match &plan.policy {
         Some(policy) => policy.link.classes.iter().map(|c| c.index()).collect(),
@@ -284,6 +285,7 @@ pub fn backup_sets(
                 Run {
                     keys,
                     db,
+                    spool: &mut spool,
                     remote: if upload { remote.as_mut() } else { None },
                     spool_limit,
                     skip: vec![paths.state.clone(), paths.config.clone()],

@@ -38,6 +38,7 @@ pub mod remote;
 pub mod report;
 pub mod restore;
 pub mod setup;
+pub mod spool;
 pub mod state;
 pub mod tree;
 

@@ -1,9 +1,10 @@
 //! The client's local state: one redb database (`state.redb` in the state
-//! directory) holding the file index of each backup set, the spool of sealed
-//! objects waiting for upload, the ids the store is known to hold, the reference
-//! set of the snapshot being built, and the newest head seen.
+//! directory) holding the file index of each backup set, where each object of
+//! the spool is (the bytes are in spool files, see [`crate::spool`]), the ids the
+//! store is known to hold, the reference set of the snapshot being built, and
+//! the newest head seen.
 //!
-//! One database, so that a file's index entry and the sealed objects of its
+//! One database, so that a file's index entry and the spool locations of its
 //! content are committed in one transaction: after a crash, every id the index
 //! names is either in the spool or in the store. redb locks the file, so two
 //! `homing` processes never work on the same state at once.
@@ -12,15 +13,15 @@ use std::path::Path;
 
 use anyhow::Context;
 use homing_crypto::ObjectId;
-use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use redb::{
+    Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, TableHandle,
+};
 
 use crate::tree::{Content, FormatError, Reader, put_varint};
 
 /// The database's page cache.
 const CACHE_BYTES: usize = 4 << 20;
 
-/// Sealed objects waiting for upload: id → sealed bytes.
-pub const SPOOL: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("spool");
 /// The priority class of each spooled object (0 critical, 1 normal, 2 bulk): an
 /// upload takes only the classes the link carries. An object two sets share
 /// has the more urgent class of the two.
@@ -59,8 +60,8 @@ pub fn open(dir: &Path) -> anyhow::Result<Database> {
         .create(dir)
         .with_context(|| format!("cannot create the state directory {}", dir.display()))?;
     let path = dir.join("state.redb");
-    // A small page cache: the spool streams sealed data through the database,
-    // and memory must stay flat however much of it passes.
+    // A small page cache: memory must stay flat however large the index grows
+    // (the spool's bytes are in files of their own).
     let db = Database::builder()
         .set_cache_size(CACHE_BYTES)
         .create(&path)
@@ -71,7 +72,8 @@ pub fn open(dir: &Path) -> anyhow::Result<Database> {
             )
         })?;
     let txn = db.begin_write()?;
-    txn.open_table(SPOOL)?;
+    txn.open_table(crate::spool::SPOOL_AT)?;
+    txn.open_table(crate::spool::SPOOL_FILES)?;
     txn.open_table(KNOWN)?;
     txn.open_table(SETS)?;
     txn.open_table(SPOOL_CLASS)?;
@@ -200,13 +202,31 @@ pub fn set_refs_head(txn: &redb::WriteTransaction, head: Option<&ObjectId>) -> a
 /// Database errors.
 pub fn spool_size(db: &Database) -> anyhow::Result<(u64, u64)> {
     let txn = db.begin_read()?;
-    let spool = txn.open_table(SPOOL)?;
+    let spool = txn.open_table(crate::spool::SPOOL_AT)?;
     let objects = spool.len()?;
     let bytes = txn
         .open_table(META)?
         .get("spool-bytes")?
         .map_or(0, |v| decode_u64(v.value()));
     Ok((bytes, objects))
+}
+
+/// Deletes the file index of every set, so that the next backups read every
+/// file again (a spooled object was lost: the files that need it must be
+/// sealed anew).
+///
+/// # Errors
+/// Database errors.
+pub fn forget_all_indexes(txn: &redb::WriteTransaction) -> anyhow::Result<()> {
+    let names: Vec<String> = txn
+        .list_tables()?
+        .map(|t| t.name().to_string())
+        .filter(|name| name.starts_with("index/"))
+        .collect();
+    for name in names {
+        txn.delete_table(index_table(&name))?;
+    }
+    Ok(())
 }
 
 /// Adds `delta` (may be negative) to the spool's byte count inside `txn`.

@@ -1519,3 +1519,40 @@ fn a_store_whose_name_does_not_resolve_leaves_the_backup_sealed_and_waiting() {
     assert_eq!(sealed["queued"], true, "{sealed}");
     assert!(sealed["objects_sealed"].as_u64().unwrap() > 0, "{sealed}");
 }
+
+#[test]
+fn a_damaged_spool_file_is_caught_before_upload_and_the_files_are_sealed_again() {
+    let mut rig = Rig::new("0");
+    let src = rig.dir("src");
+    fs::write(src.join("photo.jpg"), bytes(7, 300_000, false)).unwrap();
+    fs::write(src.join("notes.txt"), "written on the train\n".repeat(2000)).unwrap();
+    let state = describe(&src);
+    // Away from home: everything is sealed into the spool.
+    rig.stop();
+    let away = rig.backup_output(&[&src]);
+    assert_eq!(away.status.code(), Some(3), "{}", stderr(&away));
+    // The laptop's disk damages a byte of the spool.
+    let spool = rig.config.join("state/spool");
+    let file = fs::read_dir(&spool)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .max_by_key(|p| fs::metadata(p).unwrap().len())
+        .expect("a spool file");
+    let mut raw = fs::read(&file).unwrap();
+    raw[1000] ^= 0x10;
+    fs::write(&file, &raw).unwrap();
+    // Home again: the damage is named, the object is dropped, the files are read
+    // and sealed again, and the backup completes.
+    rig.start();
+    let home = rig.backup_output(&[&src]);
+    assert!(home.status.success(), "{}", stderr(&home));
+    assert!(stderr(&home).contains("is damaged"), "{}", stderr(&home));
+    // No snapshot needs the damaged bytes: everything restores and every
+    // object of the snapshot authenticates.
+    let target = rig.dir("target");
+    let out = rig.restore("latest", &target);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_same(&state, &describe(&restored(&target, &src)));
+    let verify = rig.homing(&["verify", "--read-data"]);
+    assert!(verify.status.success(), "{}", stderr(&verify));
+}

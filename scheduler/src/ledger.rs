@@ -171,7 +171,9 @@ impl Drop for LedgerMeter {
 
 impl Meter for LedgerMeter {
     fn reserve(&self, want: usize) -> usize {
-        let want = want as u64;
+        // A write gets at most one chunk: what a kill can leave charged and
+        // unsent stays one chunk, however large the writes.
+        let want = (want as u64).min(chunk(&self.policy));
         let mut state = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         if state.failed {
             return 0;

@@ -19,8 +19,13 @@ use governor::{Quota, RateLimiter};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Most bytes one write passes on at once, so that a budget or a rate change
-/// takes effect within a small amount of data.
-pub const MAX_WRITE: usize = 16 * 1024;
+/// takes effect within a small amount of data. Above one TLS record (16 KiB of
+/// payload and 22 bytes of framing), so that a record is never split into a
+/// full write and a 22-byte one.
+pub const MAX_WRITE: usize = 64 * 1024;
+
+/// Most buffers one vectored write passes on.
+const MAX_SLICES: usize = 16;
 
 /// What decides whether bytes may be sent, and what they cost. The daemon's ledger
 /// implements it per network; [`Unmetered`] lets everything through.
@@ -191,22 +196,17 @@ impl<S> MeteredStream<S> {
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for MeteredStream<S> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        if buf.is_empty() {
-            return Pin::new(&mut this.inner).poll_write(cx, buf);
-        }
-        if let Some(delay) = this.delay.as_mut() {
+impl<S: AsyncWrite + Unpin> MeteredStream<S> {
+    /// Waits for the rate limiter and asks the meter for up to `len` bytes;
+    /// returns how many may go now (never 0: a meter that grants nothing ends
+    /// the write with [`BudgetExhausted`]).
+    fn poll_grant(&mut self, cx: &mut Context<'_>, len: usize) -> Poll<io::Result<usize>> {
+        if let Some(delay) = self.delay.as_mut() {
             ready!(delay.as_mut().poll(cx));
-            this.delay = None;
+            self.delay = None;
         }
-        let mut want = buf.len().min(MAX_WRITE);
-        if let Some(Limit { limiter, burst }) = this.rate.current() {
+        let mut want = len.min(MAX_WRITE);
+        if let Some(Limit { limiter, burst }) = self.rate.current() {
             want = want.min(burst as usize);
             let cells = NonZeroU32::new(want as u32).expect("want > 0");
             match limiter.check_n(cells) {
@@ -216,7 +216,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for MeteredStream<S> {
                     let mut delay = Box::pin(tokio::time::sleep(wait));
                     // Registers the waker; the sleep is polled again next time.
                     if delay.as_mut().poll(cx).is_pending() {
-                        this.delay = Some(delay);
+                        self.delay = Some(delay);
                         return Poll::Pending;
                     }
                     // The wait was zero after all: take the next turn.
@@ -229,22 +229,82 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for MeteredStream<S> {
                 }
             }
         }
-        let granted = this.meter.reserve(want).min(want);
+        let granted = self.meter.reserve(want).min(want);
         if granted == 0 {
             return Poll::Ready(Err(io::Error::other(BudgetExhausted)));
         }
-        match Pin::new(&mut this.inner).poll_write(cx, &buf[..granted]) {
+        Poll::Ready(Ok(granted))
+    }
+
+    /// Settles a grant with what the inner write did.
+    fn settle(
+        &mut self,
+        granted: usize,
+        result: Poll<io::Result<usize>>,
+    ) -> Poll<io::Result<usize>> {
+        match result {
             Poll::Ready(Ok(sent)) => {
-                this.meter.settle(granted, sent);
-                this.traffic.sent.fetch_add(sent as u64, Ordering::Relaxed);
+                self.meter.settle(granted, sent);
+                self.traffic.sent.fetch_add(sent as u64, Ordering::Relaxed);
                 Poll::Ready(Ok(sent))
             }
             other => {
                 // Nothing was written: give the reservation back.
-                this.meter.settle(granted, 0);
+                self.meter.settle(granted, 0);
                 other
             }
         }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for MeteredStream<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if buf.is_empty() {
+            return Pin::new(&mut this.inner).poll_write(cx, buf);
+        }
+        let granted = ready!(this.poll_grant(cx, buf.len()))?;
+        let result = Pin::new(&mut this.inner).poll_write(cx, &buf[..granted]);
+        this.settle(granted, result)
+    }
+
+    /// Several buffers in one write: TLS hands over its records this way, so that
+    /// a record and the next go out together rather than as a full segment and
+    /// a runt (with `TCP_NODELAY`, every write is a packet of its own).
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let len: usize = bufs.iter().map(|b| b.len()).sum();
+        if len == 0 {
+            return Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        }
+        let granted = ready!(this.poll_grant(cx, len))?;
+        // The first `granted` bytes of `bufs`, in at most `MAX_SLICES` slices.
+        let mut limited = [io::IoSlice::new(&[]); MAX_SLICES];
+        let mut count = 0;
+        let mut left = granted;
+        for buf in bufs.iter().filter(|b| !b.is_empty()) {
+            if left == 0 || count == MAX_SLICES {
+                break;
+            }
+            let take = buf.len().min(left);
+            limited[count] = io::IoSlice::new(&buf[..take]);
+            count += 1;
+            left -= take;
+        }
+        let result = Pin::new(&mut this.inner).poll_write_vectored(cx, &limited[..count]);
+        this.settle(granted, result)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -308,6 +368,90 @@ mod tests {
         fn received(&self, bytes: usize) {
             self.received.fetch_add(bytes, Ordering::SeqCst);
         }
+    }
+
+    /// Records the size of every write that reaches it.
+    #[derive(Default)]
+    struct Recorder {
+        writes: Vec<usize>,
+        bytes: Vec<u8>,
+    }
+
+    impl AsyncWrite for Recorder {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let this = self.get_mut();
+            this.writes.push(buf.len());
+            this.bytes.extend_from_slice(buf);
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_write_vectored(
+            self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            bufs: &[io::IoSlice<'_>],
+        ) -> Poll<io::Result<usize>> {
+            let this = self.get_mut();
+            let len = bufs.iter().map(|b| b.len()).sum();
+            this.writes.push(len);
+            for buf in bufs {
+                this.bytes.extend_from_slice(buf);
+            }
+            Poll::Ready(Ok(len))
+        }
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+        fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn tls_records_go_out_together_and_never_as_a_runt() {
+        // Two full TLS records (16 KiB of payload and 22 bytes of framing each).
+        let first = vec![1_u8; 16_406];
+        let second = vec![2_u8; 16_406];
+        let budget = Arc::new(Budget::default());
+        budget.left.store(1 << 20, Ordering::SeqCst);
+        let mut stream = MeteredStream::new(
+            Recorder::default(),
+            Arc::clone(&budget) as Arc<dyn Meter>,
+            Rate::unlimited(),
+        );
+        assert!(stream.is_write_vectored());
+        let written = stream
+            .write_vectored(&[io::IoSlice::new(&first), io::IoSlice::new(&second)])
+            .await
+            .unwrap();
+        assert_eq!(written, 32_812);
+        assert_eq!(stream.inner.writes, vec![32_812]);
+        stream.write_all(&first).await.unwrap();
+        assert_eq!(stream.inner.writes, vec![32_812, 16_406]);
+        assert_eq!(budget.spent.load(Ordering::SeqCst), 49_218);
+        // A grant that ends inside the second buffer passes exactly that much.
+        budget.left.store(20_000, Ordering::SeqCst);
+        let written = stream
+            .write_vectored(&[io::IoSlice::new(&first), io::IoSlice::new(&second)])
+            .await
+            .unwrap();
+        assert_eq!(written, 20_000);
+        assert_eq!(stream.inner.writes[2], 20_000);
+        let tail = &stream.inner.bytes[49_218..];
+        assert_eq!(&tail[..16_406], first.as_slice());
+        assert_eq!(&tail[16_406..], &second[..3_594]);
+        assert_eq!(budget.reserved.load(Ordering::SeqCst), 0);
+        // Spent: the next vectored write fails with the typed error.
+        let error = stream
+            .write_vectored(&[io::IoSlice::new(&first)])
+            .await
+            .unwrap_err();
+        assert!(BudgetExhausted::is(&error), "{error}");
     }
 
     #[tokio::test]

@@ -18,8 +18,7 @@
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::FileExt;
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
@@ -282,6 +281,7 @@ impl Spool {
     }
 
     /// The bytes of a spooled object at `location`, checked against its CRC.
+    /// Reads through the file's own offset: a spool serves one thread.
     ///
     /// # Errors
     /// [`Damaged`] (as an IO error) when the bytes are short or do not match.
@@ -305,9 +305,18 @@ impl Spool {
                 slot.insert(file)
             }
         };
-        let mut bytes = vec![0; location.len as usize];
-        file.read_exact_at(&mut bytes, location.offset)
+        // Read into spare capacity (read_to_end does not zero it first).
+        let mut bytes = Vec::with_capacity(location.len as usize);
+        file.seek(SeekFrom::Start(location.offset))
+            .and_then(|_| Read::take(&mut *file, u64::from(location.len)).read_to_end(&mut bytes))
             .map_err(|e| damaged(format!("cannot read: {e}")))?;
+        if bytes.len() != location.len as usize {
+            return Err(damaged(format!(
+                "cannot read: {} of {} bytes are there",
+                bytes.len(),
+                location.len
+            )));
+        }
         if crc32fast::hash(&bytes) != location.crc {
             return Err(damaged("its checksum does not match".into()));
         }

@@ -10,7 +10,7 @@
 //! An object's id is the keyed hash of its *uncompressed* plaintext, so the same
 //! content has the same id whatever the compression did.
 
-use homing_crypto::{HEADER_LEN, KeyRing, ObjectId, ObjectKind};
+use homing_crypto::{HEADER_LEN, KeyRing, ObjectId, ObjectKind, TAG_LEN};
 
 use crate::error::Error;
 
@@ -82,31 +82,28 @@ impl<'k> Sealer<'k> {
                 limit: MAX_OBJECT_PLAINTEXT as u64,
             });
         }
-        // Compress straight into the final buffer. A compressed body must be
-        // strictly smaller than the plaintext to be worth its decompression, so the
-        // destination is one byte short of it: zstd fails when it cannot do better.
-        let mut bytes = vec![0_u8; PAYLOAD_AT + plaintext.len()];
-        let room = plaintext.len().saturating_sub(1);
-        let compressed = if looks_incompressible(plaintext) {
-            None
+        // Compress straight into the final buffer, after room for the header and
+        // the codec byte, with room for the tag at the end: nothing is zeroed
+        // first, and sealing does not have to grow (copy) the buffer. A compressed
+        // body must be strictly smaller than the plaintext to be worth its
+        // decompression.
+        let mut bytes = Vec::with_capacity(PAYLOAD_AT + plaintext.len() + TAG_LEN);
+        bytes.resize(PAYLOAD_AT, 0);
+        let compressed = if plaintext.is_empty() || looks_incompressible(plaintext) {
+            false
         } else {
-            match self
-                .compressor
-                .compress_to_buffer(plaintext, &mut bytes[PAYLOAD_AT..PAYLOAD_AT + room])
-            {
-                Ok(len) if !plaintext.is_empty() => Some(len),
-                _ => None,
-            }
+            let mut out = std::io::Cursor::new(bytes);
+            out.set_position(PAYLOAD_AT as u64);
+            let result = self.compressor.compress_to_buffer(plaintext, &mut out);
+            bytes = out.into_inner();
+            matches!(result, Ok(len) if len < plaintext.len())
         };
-        match compressed {
-            Some(len) => {
-                bytes[HEADER_LEN] = CODEC_ZSTD;
-                bytes.truncate(PAYLOAD_AT + len);
-            }
-            None => {
-                bytes[HEADER_LEN] = CODEC_STORED;
-                bytes[PAYLOAD_AT..].copy_from_slice(plaintext);
-            }
+        if compressed {
+            bytes[HEADER_LEN] = CODEC_ZSTD;
+        } else {
+            bytes.truncate(PAYLOAD_AT);
+            bytes[HEADER_LEN] = CODEC_STORED;
+            bytes.extend_from_slice(plaintext);
         }
         self.keys.seal_in_place(kind, &id, &mut bytes)?;
         Ok(SealedObject {

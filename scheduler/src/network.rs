@@ -5,8 +5,8 @@
 //! This is the portable snapshot the daemon's watcher refreshes on every event:
 //! interface addresses come from `getifaddrs` (nix) everywhere; the route, the
 //! kind and the gateway's MAC come from the kernel's tables on Linux
-//! (`/proc/net/route`, `/sys/class/net`, `/proc/net/arp`) and are left unknown
-//! elsewhere. Wi-Fi names and NetworkManager's metered flag need D-Bus and come
+//! (`/proc/net/route` and `/proc/net/ipv6_route`, `/sys/class/net`,
+//! `/proc/net/arp`: IPv4 gateways only) and are left unknown elsewhere. Wi-Fi names and NetworkManager's metered flag need D-Bus and come
 //! with the daemon.
 
 use std::net::{IpAddr, ToSocketAddrs};
@@ -111,23 +111,81 @@ fn first_interface() -> Option<String> {
 mod platform {
     //! Linux: the kernel's routing table, sysfs and the ARP table.
 
-    use std::net::{IpAddr, Ipv4Addr};
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
     use homing_policy::LinkKind;
 
     use super::Route;
 
-    /// The most specific IPv4 route to `target` in `/proc/net/route`.
+    /// Route flags of <linux/route.h>: the route is up; it rejects (an
+    /// unreachable or prohibit route, which reaches nothing).
+    const RTF_UP: u32 = 0x0001;
+    const RTF_REJECT: u32 = 0x0200;
+
+    /// The route the kernel would take to `target`: the most specific one in
+    /// `/proc/net/route` or `/proc/net/ipv6_route`, the lowest metric among
+    /// equals.
     pub(super) fn route_to(target: IpAddr) -> Option<Route> {
-        let table = std::fs::read_to_string("/proc/net/route").ok()?;
-        parse_route(&table, target)
+        match target {
+            IpAddr::V4(_) => {
+                let table = std::fs::read_to_string("/proc/net/route").ok()?;
+                parse_route(&table, target)
+            }
+            IpAddr::V6(v6) => {
+                let table = std::fs::read_to_string("/proc/net/ipv6_route").ok()?;
+                parse_route6(&table, v6)
+            }
+        }
     }
 
+    /// The best IPv6 route to `target` in the text of `/proc/net/ipv6_route`:
+    /// destination, prefix length, source, source prefix length, next hop,
+    /// metric, reference count, use, flags (all hex; addresses in network
+    /// order), device.
+    pub(super) fn parse_route6(table: &str, target: Ipv6Addr) -> Option<Route> {
+        let target = u128::from(target);
+        let mut best: Option<(u32, u32, Route)> = None;
+        for line in table.lines() {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.len() < 10 {
+                continue;
+            }
+            let number = |at: usize| u32::from_str_radix(fields[at], 16).ok();
+            let (Ok(destination), Some(length), Ok(next_hop), Some(metric), Some(flags)) = (
+                u128::from_str_radix(fields[0], 16),
+                number(1),
+                u128::from_str_radix(fields[4], 16),
+                number(5),
+                number(8),
+            ) else {
+                continue;
+            };
+            if length > 128 || flags & RTF_UP == 0 || flags & RTF_REJECT != 0 {
+                continue;
+            }
+            let mask = u128::MAX.checked_shl(128 - length).unwrap_or(0);
+            if target & mask != destination & mask {
+                continue;
+            }
+            if best
+                .as_ref()
+                .is_some_and(|(l, m, _)| *l > length || (*l == length && *m <= metric))
+            {
+                continue;
+            }
+            let route = Route {
+                interface: fields[9].to_string(),
+                gateway: (next_hop != 0).then(|| IpAddr::V6(Ipv6Addr::from(next_hop))),
+            };
+            best = Some((length, metric, route));
+        }
+        best.map(|(_, _, route)| route)
+    }
+
+    /// The best IPv4 route to `target` in the text of `/proc/net/route`.
     pub(super) fn parse_route(table: &str, target: IpAddr) -> Option<Route> {
         let IpAddr::V4(target) = target else {
-            // IPv6 routes (/proc/net/ipv6_route) come with the watcher; the
-            // default IPv4 route's interface is the best guess meanwhile.
-            return parse_route(table, IpAddr::V4(Ipv4Addr::new(8, 8, 8, 8)));
+            return None;
         };
         // The kernel prints each address, a big-endian __be32, as a host-order
         // integer: its bytes in host order are the address's bytes.
@@ -140,33 +198,40 @@ mod platform {
                 .ok()
                 .map(|v| u32::from_be_bytes(v.to_ne_bytes()))
         };
-        let mut best: Option<(u32, Route)> = None;
+        let mut best: Option<(u32, u32, Route)> = None;
         for line in table.lines().skip(1) {
             let fields: Vec<&str> = line.split_whitespace().collect();
             if fields.len() < 8 {
                 continue;
             }
-            let (Some(destination), Some(gateway), Some(mask)) =
-                (hex(fields[1]), hex(fields[2]), hex(fields[7]))
-            else {
+            let (Some(destination), Some(gateway), Some(mask), Ok(flags), Ok(metric)) = (
+                hex(fields[1]),
+                hex(fields[2]),
+                hex(fields[7]),
+                u32::from_str_radix(fields[3], 16),
+                fields[6].parse::<u32>(),
+            ) else {
                 continue;
             };
+            if flags & RTF_UP == 0 || flags & RTF_REJECT != 0 {
+                continue;
+            }
             if u32::from(target) & mask != destination & mask {
                 continue;
             }
-            if best
-                .as_ref()
-                .is_some_and(|(m, _)| m.count_ones() >= mask.count_ones())
-            {
+            if best.as_ref().is_some_and(|(m, best_metric, _)| {
+                m.count_ones() > mask.count_ones()
+                    || (m.count_ones() == mask.count_ones() && *best_metric <= metric)
+            }) {
                 continue;
             }
             let route = Route {
                 interface: fields[0].to_string(),
                 gateway: (gateway != 0).then(|| IpAddr::V4(Ipv4Addr::from(gateway))),
             };
-            best = Some((mask, route));
+            best = Some((mask, metric, route));
         }
-        best.map(|(_, route)| route)
+        best.map(|(_, _, route)| route)
     }
 
     /// An interface's kind, from sysfs.
@@ -218,6 +283,66 @@ wlan0\t00000000\t0101A8C0\t0003\t0\t0\t600\t00000000\t0\t0\t0
 wlan0\t0001A8C0\t00000000\t0001\t0\t0\t600\t00FFFFFF\t0\t0\t0
 tun0\t0000000A\t00000000\t0001\t0\t0\t0\t000000FF\t0\t0\t0
 ";
+
+        #[test]
+        fn among_equal_routes_the_lowest_metric_wins_and_rejecting_or_down_routes_never() {
+            let table = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask
+wlan0\t00000000\t0101A8C0\t0003\t0\t0\t600\t00000000
+eth0\t00000000\t0100000A\t0003\t0\t0\t100\t00000000
+usb0\t00000000\t012AA8C0\t0003\t0\t0\t50\t00000000
+lo\t0000000A\t00000000\t0201\t0\t0\t0\t000000FF
+tun0\t0000000A\t00000000\t0000\t0\t0\t0\t000000FF
+";
+            // usb0's route is the lowest metric but was listed after: still wins.
+            let away = parse_route(table, "203.0.113.7".parse().unwrap()).unwrap();
+            assert_eq!(away.interface, "usb0");
+            // The reject route and the route that is down do not count.
+            let home = parse_route(table, "10.1.2.3".parse().unwrap()).unwrap();
+            assert_eq!(home.interface, "usb0");
+        }
+
+        /// From a laptop with a Wi-Fi default route, a VPN to the home /48 and
+        /// the kernel's own unreachable route.
+        const TABLE6: &str = "\
+20010db8000100000000000000000000 30 00000000000000000000000000000000 00 00000000000000000000000000000000 00000400 00000001 00000000 00000001     wg0
+fe800000000000000000000000000000 40 00000000000000000000000000000000 00 00000000000000000000000000000000 00000100 00000002 00000000 00000001   wlan0
+00000000000000000000000000000000 00 00000000000000000000000000000000 00 fe800000000000000000000000000001 00000400 00000003 00000000 00000003   wlan0
+00000000000000000000000000000000 00 00000000000000000000000000000000 00 fe80000000000000000000000000abcd 00000064 00000003 00000000 00000003    usb0
+00000000000000000000000000000000 00 00000000000000000000000000000000 00 00000000000000000000000000000000 ffffffff 00000001 00000000 00200200       lo
+20010db8000200000000000000000000 40 00000000000000000000000000000000 00 00000000000000000000000000000000 00000000 00000001 00000000 00000200       lo
+";
+
+        #[test]
+        fn ipv6_routes_are_read_most_specific_first_then_by_metric() {
+            let home = parse_route6(TABLE6, "2001:db8:1::7".parse().unwrap()).unwrap();
+            assert_eq!(home.interface, "wg0");
+            assert_eq!(home.gateway, None);
+            // The default routes: usb0's metric (0x64) is lower than wlan0's.
+            let away = parse_route6(TABLE6, "2001:db8:9::1".parse().unwrap()).unwrap();
+            assert_eq!(away.interface, "usb0");
+            assert_eq!(away.gateway, Some("fe80::abcd".parse().unwrap()));
+            // A /64 that only an unreachable route covers goes by the default.
+            let blocked = parse_route6(TABLE6, "2001:db8:2::1".parse().unwrap()).unwrap();
+            assert_eq!(blocked.interface, "usb0");
+            assert_eq!(parse_route6("", "2001:db8::1".parse().unwrap()), None);
+            assert_eq!(
+                parse_route6("garbage\n1 2 3\n", "::1".parse().unwrap()),
+                None
+            );
+        }
+
+        proptest::proptest! {
+            #[test]
+            fn any_table_text_parses_without_panicking(
+                text in "([0-9a-fA-F]{0,33}[ \t]{1,3}){0,12}\n{0,2}",
+                octets in proptest::array::uniform16(proptest::prelude::any::<u8>()),
+            ) {
+                let target = Ipv6Addr::from(octets);
+                let _ = parse_route6(&text, target);
+                let v4 = IpAddr::V4(Ipv4Addr::new(octets[0], octets[1], octets[2], octets[3]));
+                let _ = parse_route(&format!("header\n{text}"), v4);
+            }
+        }
 
         #[test]
         fn the_most_specific_route_wins() {

@@ -3,8 +3,10 @@
 //! policy allows; and the control socket that `homing status`, `pause`,
 //! `resume` and `backup-now` talk to.
 //!
-//! The schedule runs on the wall clock, checked every few seconds: after a
-//! suspend the daemon runs once on wake, not once per missed interval. Each run
+//! The schedule runs on the wall clock. The daemon sleeps until the next run is
+//! due or the link is to be looked at (at most a minute), so an idle daemon
+//! wakes once a minute; after a suspend it runs once on wake (within that
+//! minute), not once per missed interval. Each run
 //! is a `homing backup` of every set (a rescan reads no unchanged file), so a
 //! run after a link change uploads what earlier runs sealed and commits.
 //!
@@ -29,8 +31,14 @@ use crate::commands::{SetResult, backup_sets};
 use crate::config::Config;
 use crate::paths::Paths;
 
-/// How often the daemon looks at the clock and the link.
-const TICK: Duration = Duration::from_secs(5);
+/// The longest the daemon sleeps: the link is looked at this often where no
+/// events come, and the wall clock is checked this often, so that a run due
+/// during a suspend starts within this much of the wake (the monotonic clock
+/// of the wait does not count the suspend).
+const LOOK_EVERY: Duration = Duration::from_secs(60);
+
+/// How soon the daemon looks again when another command holds the state.
+const RETRY: Duration = Duration::from_secs(5);
 
 /// The control socket of a state directory.
 pub fn socket_path(paths: &Paths) -> PathBuf {
@@ -155,8 +163,9 @@ fn main_loop(
     let mut link = None;
     let mut looked = Timestamp::UNIX_EPOCH;
     let mut pending_link = false;
+    let mut sleep = Duration::ZERO;
     loop {
-        let (forced, event) = match wakes.recv_timeout(TICK) {
+        let (forced, event) = match wakes.recv_timeout(sleep) {
             Ok(Wake::Stop) | Err(RecvTimeoutError::Disconnected) => return Ok(()),
             Ok(Wake::Reload) => {
                 tracing::info!("reload: the configuration and policies are read at the next run");
@@ -172,7 +181,7 @@ fn main_loop(
         // The link is looked at on the kernel's events, and otherwise once a
         // minute (where there are no events): an idle daemon reads no files and
         // asks no name server every few seconds.
-        let stale = now.as_second() - looked.as_second() >= 60;
+        let stale = now.as_second() - looked.as_second() >= LOOK_EVERY.as_secs() as i64;
         let mut link_changed = false;
         if event || stale || forced || due {
             looked = now;
@@ -181,6 +190,14 @@ fn main_loop(
                 .and_then(|c| crate::network::observe(&c.store.address))
                 .map(|l| l.observation);
             link_changed = seen != link;
+            if link_changed {
+                tracing::info!(
+                    link = seen
+                        .as_ref()
+                        .map_or_else(|| "none".to_string(), |o| o.interface.clone()),
+                    "the link to the store changed"
+                );
+            }
             link = seen;
         }
         // A new link with something waiting: its policy may let it go now. The
@@ -200,6 +217,30 @@ fn main_loop(
                 }
                 Err(error) => tracing::debug!(%error, "the state is busy; looking again soon"),
             }
+        }
+        // Asleep until the next run is due or the link is to be looked at,
+        // whichever comes first; events and commands wake it before.
+        let until_due = u64::try_from(next.as_second() - now.as_second()).unwrap_or(0);
+        let until_look =
+            u64::try_from(looked.as_second() + LOOK_EVERY.as_secs() as i64 - now.as_second())
+                .unwrap_or(0);
+        // (While paused, only the link: `resume` wakes it.)
+        let until = if paused {
+            until_look
+        } else {
+            until_due.min(until_look)
+        };
+        sleep = Duration::from_secs(until.max(1)).min(LOOK_EVERY);
+        if pending_link {
+            sleep = sleep.min(RETRY);
+        }
+        if link_changed {
+            tracing::info!(
+                run = !paused && waiting,
+                paused,
+                waiting,
+                "decided on the new link"
+            );
         }
         if paused || !(forced || due || waiting) {
             continue;

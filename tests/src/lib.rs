@@ -1,7 +1,8 @@
 //! End-to-end tests for Homing: they start the real `homing` and `homing-store`
 //! binaries, as a user would, and check what comes out. The tests are in
-//! `tests/tests/e2e.rs` (one binary, one module per area); this library only finds
-//! the binaries.
+//! `tests/tests/e2e.rs` (one binary, one module per area); this library finds the
+//! binaries and sets up the network lab ([`lab`]) that the link tests and the
+//! daemon bench share.
 //!
 //! `cargo test` does not build the executables of other packages, so the first
 //! call of [`binary`] runs `cargo build` for them, in the profile the tests run in.
@@ -10,6 +11,8 @@
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::OnceLock;
+
+pub mod lab;
 
 /// The binaries the end-to-end tests start, and their packages.
 const PACKAGES: &[&str] = &["homing", "homing-store"];

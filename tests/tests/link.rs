@@ -6,205 +6,13 @@
 //! Without root (or without `ip`), the test says so and passes, unless
 //! `HOMING_REQUIRE_NETLAB` is set, as CI sets it: there it must run.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
+use std::process::Stdio;
 
 use homing_e2e::binary;
+use homing_e2e::lab::{Lab, rig, run};
 
-use super::{homing_store, stderr};
-
-fn netlab() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("netlab.sh")
-}
-
-fn can_run() -> bool {
-    let root = std::fs::metadata("/proc/self").is_ok_and(|m| {
-        use std::os::unix::fs::MetadataExt;
-        m.uid() == 0
-    });
-    let ip = Command::new("ip").arg("-V").output().is_ok();
-    if !(root && ip) {
-        assert!(
-            std::env::var_os("HOMING_REQUIRE_NETLAB").is_none(),
-            "HOMING_REQUIRE_NETLAB is set but this is not root with iproute2"
-        );
-        eprintln!("link tests need root and iproute2: skipped");
-        return false;
-    }
-    true
-}
-
-struct Lab {
-    name: String,
-    env: Vec<(String, String)>,
-}
-
-impl Lab {
-    fn up(name: &str, rate: &str) -> Self {
-        Self::up_queue(name, rate, 2000)
-    }
-
-    /// A lab whose shaper queues at most `queue_ms` of traffic.
-    fn up_queue(name: &str, rate: &str, queue_ms: u32) -> Self {
-        let _ = Command::new("bash")
-            .arg(netlab())
-            .args(["down", name])
-            .output();
-        let out = Command::new("bash")
-            .arg(netlab())
-            .args(["up", name, rate, "0", "0"])
-            .env("NETLAB_QUEUE_MS", queue_ms.to_string())
-            .output()
-            .expect("netlab runs");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let env = Command::new("bash")
-            .arg(netlab())
-            .args(["env", name])
-            .output()
-            .expect("netlab runs");
-        let env = String::from_utf8_lossy(&env.stdout)
-            .lines()
-            .filter_map(|l| l.split_once('='))
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        Self {
-            name: name.to_string(),
-            env,
-        }
-    }
-
-    fn get(&self, key: &str) -> &str {
-        &self
-            .env
-            .iter()
-            .find(|(k, _)| k == key)
-            .expect("a netlab setting")
-            .1
-    }
-
-    /// (tx_bytes, rx_bytes) of the client's interface.
-    fn client_counters(&self) -> (u64, u64) {
-        let out = Command::new("bash")
-            .arg(netlab())
-            .args(["stats", &self.name])
-            .output()
-            .expect("netlab runs");
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let line = text
-            .lines()
-            .find(|l| l.starts_with("client"))
-            .expect("client counters");
-        let field = |name: &str| -> u64 {
-            line.split_whitespace()
-                .find_map(|f| f.strip_prefix(&format!("{name}=")))
-                .expect("a counter")
-                .parse()
-                .expect("a number")
-        };
-        (field("tx_bytes"), field("rx_bytes"))
-    }
-
-    fn exec(&self, side: &str, program: &Path) -> Command {
-        let mut command = Command::new("ip");
-        command.args(["netns", "exec", self.get(side)]).arg(program);
-        command
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        let _ = Command::new("bash")
-            .arg(netlab())
-            .args(["down", &self.name])
-            .output();
-    }
-}
-
-fn run(mut command: Command) -> Output {
-    command.output().expect("the command runs")
-}
-
-/// A store server in the lab's server namespace and a client set up for it in
-/// the client's, with `policy` as its only network policy.
-struct Rig {
-    home: tempfile::TempDir,
-    config: PathBuf,
-    server: Child,
-}
-
-impl Drop for Rig {
-    fn drop(&mut self) {
-        let _ = self.server.kill();
-        let _ = self.server.wait();
-    }
-}
-
-fn rig(lab: &Lab, policy: &str) -> Rig {
-    let home = tempfile::tempdir().expect("the lab set-up");
-    let store = home.path().join("store");
-    let s = store.to_str().expect("the lab set-up");
-    let server_ip = lab.get("SERVER_IP").to_string();
-    homing_store(&["init", s, "--ip", &server_ip]);
-    homing_store(&["account", "add", "laptop", "--store", s]);
-    let prefix = home.path().join("laptop");
-    let p = prefix.to_str().expect("the lab set-up");
-    homing_store(&["ca", "issue", "laptop", "--store", s, "--out", p]);
-    let mut server: Child = lab
-        .exec("SERVER_NS", &binary("homing-store"))
-        .args([
-            "serve",
-            "--store",
-            s,
-            "--listen",
-            &format!("{server_ip}:7473"),
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("the server starts");
-    {
-        use std::io::BufRead;
-        let mut line = String::new();
-        std::io::BufReader::new(server.stdout.take().expect("the lab set-up"))
-            .read_line(&mut line)
-            .expect("the lab set-up");
-        assert!(line.starts_with("listening on"), "{line}");
-    }
-    let config = home.path().join("client");
-    let c = config.to_str().expect("the lab set-up");
-    let init = run({
-        let mut command = lab.exec("CLIENT_NS", &binary("homing"));
-        command.args([
-            "--config",
-            c,
-            "init",
-            "--store",
-            &format!("{server_ip}:7473"),
-            "--server-name",
-            &server_ip,
-            "--ca",
-            &format!("{p}-ca.crt"),
-            "--cert",
-            &format!("{p}.crt"),
-            "--key",
-            &format!("{p}.key"),
-            "--no-passphrase",
-        ]);
-        command
-    });
-    assert!(init.status.success(), "{}", stderr(&init));
-    std::fs::create_dir(config.join("policies")).expect("the lab set-up");
-    std::fs::write(config.join("policies/lab.toml"), policy).expect("the lab set-up");
-    Rig {
-        home,
-        config,
-        server,
-    }
-}
+use super::stderr;
 
 /// Incompressible bytes: zstd must not shrink them.
 fn noise(len: usize, seed: u64) -> Vec<u8> {
@@ -236,7 +44,7 @@ fn ledger_spent(lab: &Lab, config: &Path) -> u64 {
 
 #[test]
 fn a_capped_link_stops_at_the_cap_by_the_kernels_own_count() {
-    if !can_run() {
+    if !homing_e2e::lab::available() {
         return;
     }
     let lab = Lab::up("hmcap", "8mbit");
@@ -277,7 +85,7 @@ fn a_capped_link_stops_at_the_cap_by_the_kernels_own_count() {
 
 #[test]
 fn a_link_change_is_seen_within_a_second() {
-    if !can_run() {
+    if !homing_e2e::lab::available() {
         return;
     }
     let lab = Lab::up("hmwatch", "8mbit");
@@ -350,7 +158,7 @@ fn a_link_change_is_seen_within_a_second() {
 
 #[test]
 fn backups_killed_mid_upload_never_leave_the_ledger_below_the_kernels_count() {
-    if !can_run() {
+    if !homing_e2e::lab::available() {
         return;
     }
     let lab = Lab::up("hmkill", "8mbit");
@@ -407,7 +215,7 @@ fn backups_killed_mid_upload_never_leave_the_ledger_below_the_kernels_count() {
 
 #[test]
 fn the_daemon_stops_an_upload_when_the_link_changes_under_it() {
-    if !can_run() {
+    if !homing_e2e::lab::available() {
         return;
     }
     // A short shaper queue: what the kernel still holds when the upload stops is

@@ -290,3 +290,160 @@ fn the_daemon_stops_an_upload_when_the_link_changes_under_it() {
     );
     assert!(later < 10_000, "the link was not quiet: {later} bytes");
 }
+
+/// `homing status --json` of the daemon in the lab (null while it does not
+/// answer yet).
+fn daemon_status(lab: &Lab, config: &Path) -> serde_json::Value {
+    let out = run({
+        let mut command = lab.exec("CLIENT_NS", &binary("homing"));
+        command
+            .arg("--config")
+            .arg(config)
+            .args(["status", "--json"]);
+        command
+    });
+    if !out.status.success() && stderr(&out).contains("no homing daemon answers") {
+        return serde_json::Value::Null;
+    }
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", stderr(&out)))
+}
+
+/// Waits until the daemon has finished `runs` runs and is idle; its status then.
+fn after_run(lab: &Lab, config: &Path, runs: u64, log: &Path) -> serde_json::Value {
+    let deadline = std::time::Duration::from_secs(120);
+    let started = tokio::time::Instant::now();
+    loop {
+        let status = daemon_status(lab, config);
+        if status["runs"].as_u64() >= Some(runs) && status["running"] == false {
+            return status;
+        }
+        assert!(
+            started.elapsed() < deadline,
+            "run {runs} did not end: {status}\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+/// Moves every bucket of the client's ledger one day back, as if a day had
+/// passed: the budget period rolls over. The daemon opens the state only for a
+/// run, so between runs it is free.
+fn a_day_passes(config: &Path) {
+    const LEDGER: redb::TableDefinition<(&str, i64), (u64, u64)> =
+        redb::TableDefinition::new("ledger");
+    let db = redb::Database::open(config.join("state/state.redb")).expect("the client's state");
+    let txn = db.begin_write().expect("a transaction");
+    {
+        let mut table = txn.open_table(LEDGER).expect("the ledger");
+        let mut buckets = Vec::new();
+        for item in redb::ReadableTable::iter(&table).expect("the buckets") {
+            let (key, value) = item.expect("a bucket");
+            let (network, start) = key.value();
+            buckets.push((network.to_string(), start, value.value()));
+        }
+        for (network, start, _) in &buckets {
+            table.remove((network.as_str(), *start)).expect("removed");
+        }
+        for (network, start, tally) in &buckets {
+            table
+                .insert((network.as_str(), start - 86_400), tally)
+                .expect("moved");
+        }
+    }
+    txn.commit().expect("committed");
+}
+
+#[test]
+fn the_daemon_stops_at_the_cap_and_the_rest_goes_when_the_period_rolls_over() {
+    if !homing_e2e::lab::available() {
+        return;
+    }
+    let lab = Lab::up("hmroll", "8mbit");
+    let rig = rig(
+        &lab,
+        "[match]\ninterface = \"nlc0\"\n\n[budget]\nbytes = \"1 MB\"\nperiod = \"day\"\n",
+    );
+    let src = rig.home.path().join("src");
+    std::fs::create_dir(&src).expect("a directory");
+    let data = noise(3_000_000, 11);
+    std::fs::write(src.join("three-megabytes.bin"), &data).expect("data");
+    let mut config = std::fs::read_to_string(rig.config.join("config.toml")).expect("config");
+    config.push_str(&format!(
+        "\n[[set]]\nname = \"home\"\npaths = [\"{}\"]\n",
+        src.display()
+    ));
+    std::fs::write(rig.config.join("config.toml"), config).expect("config");
+    let log = rig.home.path().join("daemon.log");
+    let (mut tx, mut rx) = lab.client_counters();
+    let mut daemon = lab
+        .exec("CLIENT_NS", &binary("homing"))
+        .arg("--config")
+        .arg(&rig.config)
+        .args(["daemon"])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("a log"))
+        .spawn()
+        .expect("the daemon starts");
+    // Day after day: each run stops at the cap and the rest stays queued; a
+    // day later the next run (asked for at once here) goes on from there.
+    let mut days = Vec::new();
+    let done = loop {
+        let status = after_run(&lab, &rig.config, days.len() as u64 + 1, &log);
+        let (tx_now, rx_now) = lab.client_counters();
+        let day = (tx_now - tx) + (rx_now - rx);
+        (tx, rx) = (tx_now, rx_now);
+        days.push(day);
+        assert!(
+            day <= 1_000_000,
+            "day {}: the kernel counted {day} bytes under a 1 MB cap",
+            days.len()
+        );
+        let result = &status["sets"][0]["result"];
+        if result.get("done").is_some() {
+            break status;
+        }
+        let why = result["queued"]["why"].as_str().unwrap_or_default();
+        assert!(why.contains("budget"), "{status}");
+        assert!(days.len() < 6, "the queue does not drain: {days:?}");
+        a_day_passes(&rig.config);
+        let now = run({
+            let mut command = lab.exec("CLIENT_NS", &binary("homing"));
+            command.arg("--config").arg(&rig.config).arg("backup-now");
+            command
+        });
+        assert!(now.status.success(), "{}", stderr(&now));
+    };
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    eprintln!("bytes the kernel counted per day under a 1 MB cap: {days:?}");
+    // 3 MB of incompressible data and a 1 MB cap: four days at least, every
+    // one but the last used well.
+    assert!(days.len() >= 4, "{days:?}");
+    for day in &days[..days.len() - 1] {
+        assert!(*day > 700_000, "a day's budget was hardly used: {days:?}");
+    }
+    assert!(
+        done["sets"][0]["result"]["done"]["snapshot"].is_string(),
+        "{done}"
+    );
+    let target = rig.home.path().join("restored");
+    let restore = run({
+        let mut command = lab.exec("CLIENT_NS", &binary("homing"));
+        command
+            .arg("--config")
+            .arg(&rig.config)
+            .args(["restore", "latest", "--target"])
+            .arg(&target);
+        command
+    });
+    assert!(restore.status.success(), "{}", stderr(&restore));
+    let back = std::fs::read(
+        target
+            .join(src.strip_prefix("/").expect("absolute"))
+            .join("three-megabytes.bin"),
+    )
+    .expect("restored");
+    assert!(back == data, "the restored file differs");
+}

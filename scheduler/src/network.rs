@@ -6,12 +6,16 @@
 //! interface addresses come from `getifaddrs` (nix) everywhere; the route, the
 //! kind and the gateway's MAC come from the kernel's tables on Linux
 //! (`/proc/net/route` and `/proc/net/ipv6_route`, `/sys/class/net`,
-//! `/proc/net/arp`: IPv4 gateways only) and are left unknown elsewhere. Wi-Fi names and NetworkManager's metered flag need D-Bus and come
-//! with the daemon.
+//! `/proc/net/arp`: IPv4 gateways only) and are left unknown elsewhere. Where
+//! NetworkManager runs (Linux), the Wi-Fi network's name, its access point and
+//! the metered flag come from it over D-Bus ([`nm`]).
 
 use std::net::{IpAddr, ToSocketAddrs};
 
 use homing_policy::Observation;
+
+#[cfg(target_os = "linux")]
+pub mod nm;
 
 /// The link to `store` (`host:port`), as far as it can be seen. `None` when the
 /// store's name does not resolve.
@@ -37,14 +41,24 @@ pub fn observe(store: &str) -> Option<Link> {
         .as_ref()
         .and_then(|r| r.gateway)
         .and_then(platform::mac_of);
+    let mut observation = Observation {
+        kind: platform::kind_of(&interface),
+        addresses,
+        gateway_mac,
+        ..Observation::default()
+    };
+    // Where NetworkManager runs: the Wi-Fi network and its metered flag.
+    #[cfg(target_os = "linux")]
+    if !interface.is_empty()
+        && let Some(view) = nm::look(&interface)
+    {
+        observation.ssid = view.ssid;
+        observation.bssid = view.bssid;
+        observation.metered = view.metered;
+    }
+    observation.interface = interface;
     Some(Link {
-        observation: Observation {
-            kind: platform::kind_of(&interface),
-            interface,
-            addresses,
-            gateway_mac,
-            ..Observation::default()
-        },
+        observation,
         loopback: false,
     })
 }

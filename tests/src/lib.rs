@@ -2,7 +2,7 @@
 //! binaries, as a user would, and check what comes out. The tests are in
 //! `tests/tests/e2e.rs` (one binary, one module per area); this library finds the
 //! binaries and sets up the network lab ([`lab`]) that the link tests and the
-//! daemon bench share.
+//! daemon bench share, and a private D-Bus with a fake NetworkManager ([`dbus`]).
 //!
 //! `cargo test` does not build the executables of other packages, so the first
 //! call of [`binary`] runs `cargo build` for them, in the profile the tests run in.
@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::sync::OnceLock;
 
+pub mod dbus;
 pub mod lab;
 
 /// The binaries the end-to-end tests start, and their packages.

@@ -447,3 +447,49 @@ fn the_daemon_stops_at_the_cap_and_the_rest_goes_when_the_period_rolls_over() {
     .expect("restored");
     assert!(back == data, "the restored file differs");
 }
+
+#[test]
+fn a_wifi_network_manager_calls_metered_gets_the_policy_written_for_it() {
+    if !homing_e2e::lab::available() {
+        return;
+    }
+    let Some(bus) = homing_e2e::dbus::Bus::start() else {
+        return;
+    };
+    let lab = Lab::up("hmnm", "8mbit");
+    let rig = rig(&lab, "[match]\ninterface = \"nlc0\"\n");
+    std::fs::write(
+        rig.config.join("policies/cafe.toml"),
+        "[match]\nssid = \"Café Wi-Fi\"\nmetered = true\n\n[budget]\nbytes = \"50 MB\"\nperiod = \"day\"\n",
+    )
+    .expect("a policy");
+    let explain = || -> serde_json::Value {
+        let out = run({
+            let mut command = lab.exec("CLIENT_NS", &binary("homing"));
+            command
+                .arg("--config")
+                .arg(&rig.config)
+                .args(["policy", "explain", "--json"])
+                .env("DBUS_SYSTEM_BUS_ADDRESS", bus.address());
+            command
+        });
+        assert!(out.status.success(), "{}", stderr(&out));
+        serde_json::from_slice(&out.stdout).expect("JSON")
+    };
+    // No NetworkManager on the bus: only the interface is known.
+    let before = explain();
+    assert_eq!(before["network"], "lab", "{before}");
+    // NetworkManager says the interface is Wi-Fi on the cafe's network, metered.
+    let _network_manager = homing_e2e::dbus::network_manager(
+        bus.address(),
+        vec![homing_e2e::dbus::Device::wifi(
+            "nlc0",
+            1,
+            Some(("Café Wi-Fi", "AA:BB:CC:00:11:22")),
+        )],
+    );
+    let after = explain();
+    assert_eq!(after["network"], "cafe", "{after}");
+    let text = after.to_string();
+    assert!(text.contains("Café Wi-Fi"), "{after}");
+}

@@ -107,202 +107,29 @@ pub fn look_on(connection: &Connection, interface: &str) -> Option<View> {
 
 #[cfg(test)]
 mod tests {
-    use std::io::BufRead;
-    use std::process::{Child, Command, Stdio};
-
-    use zbus::zvariant::OwnedObjectPath;
+    use homing_e2e::dbus::{Bus, Device, network_manager};
 
     use super::*;
 
-    /// A private bus: a real `dbus-daemon` on a socket in a temporary directory.
-    struct Bus {
-        daemon: Child,
-        address: String,
-        _dir: tempfile::TempDir,
-    }
-
-    impl Drop for Bus {
-        fn drop(&mut self) {
-            let _ = self.daemon.kill();
-            let _ = self.daemon.wait();
-        }
-    }
-
-    fn bus() -> Option<Bus> {
-        if Command::new("dbus-daemon")
-            .arg("--version")
-            .output()
-            .is_err()
-        {
-            assert!(
-                std::env::var_os("HOMING_REQUIRE_DBUS").is_none(),
-                "HOMING_REQUIRE_DBUS is set but dbus-daemon is not installed"
-            );
-            eprintln!("dbus-daemon is not installed: the NetworkManager test is skipped");
-            return None;
-        }
-        let dir = tempfile::tempdir().expect("a directory");
-        let config = dir.path().join("bus.conf");
-        std::fs::write(
-            &config,
-            format!(
-                r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>system</type>
-  <listen>unix:path={}/bus</listen>
-  <auth>EXTERNAL</auth>
-  <policy context="default">
-    <allow user="*"/>
-    <allow own="*"/>
-    <allow send_destination="*"/>
-    <allow receive_sender="*"/>
-  </policy>
-</busconfig>
-"#,
-                dir.path().display()
-            ),
-        )
-        .expect("the bus configuration");
-        let mut daemon = Command::new("dbus-daemon")
-            .arg("--nofork")
-            .arg("--print-address")
-            .arg(format!("--config-file={}", config.display()))
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("dbus-daemon starts");
-        let mut address = String::new();
-        std::io::BufReader::new(daemon.stdout.take().expect("piped"))
-            .read_line(&mut address)
-            .expect("dbus-daemon says where it listens");
-        Some(Bus {
-            daemon,
-            address: address.trim().to_string(),
-            _dir: dir,
-        })
-    }
-
-    fn path(text: &str) -> OwnedObjectPath {
-        OwnedObjectPath::try_from(text).expect("an object path")
-    }
-
-    struct Manager;
-
-    #[zbus::interface(name = "org.freedesktop.NetworkManager")]
-    impl Manager {
-        fn get_device_by_ip_iface(&self, iface: &str) -> zbus::fdo::Result<OwnedObjectPath> {
-            match iface {
-                "wlan0" => Ok(path("/org/freedesktop/NetworkManager/Devices/3")),
-                "usb0" => Ok(path("/org/freedesktop/NetworkManager/Devices/4")),
-                "wlan1" => Ok(path("/org/freedesktop/NetworkManager/Devices/5")),
-                _ => Err(zbus::fdo::Error::UnknownObject(
-                    "No device found for the requested iface.".into(),
-                )),
-            }
-        }
-    }
-
-    struct Device {
-        metered: u32,
-        kind: u32,
-    }
-
-    #[zbus::interface(name = "org.freedesktop.NetworkManager.Device")]
-    impl Device {
-        #[zbus(property)]
-        fn metered(&self) -> u32 {
-            self.metered
-        }
-        #[zbus(property)]
-        fn device_type(&self) -> u32 {
-            self.kind
-        }
-    }
-
-    struct Wireless {
-        access_point: &'static str,
-    }
-
-    #[zbus::interface(name = "org.freedesktop.NetworkManager.Device.Wireless")]
-    impl Wireless {
-        #[zbus(property)]
-        fn active_access_point(&self) -> OwnedObjectPath {
-            path(self.access_point)
-        }
-    }
-
-    struct AccessPoint;
-
-    #[zbus::interface(name = "org.freedesktop.NetworkManager.AccessPoint")]
-    impl AccessPoint {
-        #[zbus(property)]
-        fn ssid(&self) -> Vec<u8> {
-            "Café Wi-Fi".as_bytes().to_vec()
-        }
-        #[zbus(property)]
-        fn hw_address(&self) -> String {
-            "AA:BB:CC:DD:EE:0F".into()
-        }
-    }
-
-    /// A NetworkManager with three devices: Wi-Fi on a café's access point
-    /// (guessed not metered), a USB modem (metered), and Wi-Fi associated with
-    /// nothing (metered unknown).
-    fn network_manager(address: &str) -> Connection {
-        let devices = "/org/freedesktop/NetworkManager/Devices";
-        zbus::blocking::connection::Builder::address(address)
-            .and_then(|b| b.name(SERVICE))
-            .and_then(|b| b.serve_at(PATH, Manager))
-            .and_then(|b| {
-                b.serve_at(
-                    format!("{devices}/3"),
-                    Device {
-                        metered: 4,
-                        kind: DEVICE_TYPE_WIFI,
-                    },
-                )
-            })
-            .and_then(|b| {
-                b.serve_at(
-                    format!("{devices}/3"),
-                    Wireless {
-                        access_point: "/org/freedesktop/NetworkManager/AccessPoint/7",
-                    },
-                )
-            })
-            .and_then(|b| b.serve_at("/org/freedesktop/NetworkManager/AccessPoint/7", AccessPoint))
-            .and_then(|b| {
-                b.serve_at(
-                    format!("{devices}/4"),
-                    Device {
-                        metered: 1,
-                        kind: 8,
-                    },
-                )
-            })
-            .and_then(|b| {
-                b.serve_at(
-                    format!("{devices}/5"),
-                    Device {
-                        metered: 0,
-                        kind: DEVICE_TYPE_WIFI,
-                    },
-                )
-            })
-            .and_then(|b| b.serve_at(format!("{devices}/5"), Wireless { access_point: "/" }))
-            .and_then(zbus::blocking::connection::Builder::build)
-            .expect("the fake NetworkManager is on the bus")
-    }
-
     #[test]
     fn wifi_names_access_points_and_the_metered_flag_come_from_network_manager() {
-        let Some(bus) = bus() else { return };
-        let client = zbus::blocking::connection::Builder::address(bus.address.as_str())
+        let Some(bus) = Bus::start() else { return };
+        let client = zbus::blocking::connection::Builder::address(bus.address())
             .and_then(|b| b.method_timeout(TIMEOUT).build())
             .expect("a client connection");
         // No NetworkManager on the bus: nothing is seen, and nothing waits.
         assert_eq!(look_on(&client, "wlan0"), None);
-        let service = network_manager(&bus.address);
+        let service = network_manager(
+            bus.address(),
+            vec![
+                // Wi-Fi on a cafe's access point, guessed not metered.
+                Device::wifi("wlan0", 4, Some(("Café Wi-Fi", "AA:BB:CC:DD:EE:0F"))),
+                // A USB modem, metered.
+                Device::other("usb0", 1),
+                // Wi-Fi associated with nothing, metered unknown.
+                Device::wifi("wlan1", 0, None),
+            ],
+        );
         assert_eq!(
             look_on(&client, "wlan0"),
             Some(View {

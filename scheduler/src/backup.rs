@@ -252,6 +252,23 @@ impl std::fmt::Debug for Run<'_> {
     }
 }
 
+/// The order spooled objects go in: the most urgent class first, and within a
+/// class the oldest first (the order they were sealed in, which is also the
+/// order of the spool files, so reading them is sequential): a budget that
+/// runs out has spent itself on what matters most and waited longest, and the
+/// change set sealed first is the first to be whole at the store.
+fn upload_order(
+    mut waiting: Vec<(ObjectId, Option<u8>, Option<spool_files::Location>)>,
+) -> Vec<ObjectId> {
+    waiting.sort_by_key(|(_, class, location)| {
+        (
+            class.unwrap_or(u8::MAX),
+            location.map_or((u64::MAX, u64::MAX), |l| (l.file, l.offset)),
+        )
+    });
+    waiting.into_iter().map(|(id, _, _)| id).collect()
+}
+
 /// A node of the tree of selected paths: the directories leading to them.
 #[derive(Debug, Default)]
 struct Node {
@@ -1180,20 +1197,25 @@ impl<'a> Scan<'a> {
             return Ok(());
         };
         // Only the classes the link carries (an object without a class, from an
-        // older spool, goes with any).
+        // older spool, goes with any), in the order they go.
         let ids: Vec<ObjectId> = {
             let txn = self.run.db.begin_read()?;
             let spool = txn.open_table(SPOOL_AT)?;
             let classes = txn.open_table(state::SPOOL_CLASS)?;
-            let mut ids = Vec::new();
+            let mut waiting = Vec::new();
             for item in spool.iter()? {
-                let id = *item?.0.value();
+                let (id, location) = item?;
+                let id = *id.value();
                 let class = classes.get(&id)?.map(|v| v.value());
                 if class.is_none_or(|c| self.run.upload_classes.contains(&c)) {
-                    ids.push(ObjectId::from_bytes(id));
+                    waiting.push((
+                        ObjectId::from_bytes(id),
+                        class,
+                        spool_files::Location::decode(location.value()),
+                    ));
                 }
             }
-            ids
+            upload_order(waiting)
         };
         if ids.is_empty() {
             return Ok(());
@@ -1359,6 +1381,29 @@ fn index_entry(meta: &Metadata, content: Content, chunks: Vec<ObjectId>) -> Inde
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn critical_objects_go_first_then_the_oldest() {
+        let at = |file, offset| {
+            Some(spool_files::Location {
+                file,
+                offset,
+                len: 1,
+                crc: 0,
+            })
+        };
+        let id = |n: u8| ObjectId::from_bytes([n; 32]);
+        let order = upload_order(vec![
+            (id(1), Some(2), at(1, 0)),
+            (id(2), Some(1), at(2, 0)),
+            (id(3), Some(0), at(3, 100)),
+            (id(4), Some(1), at(1, 500)),
+            (id(5), None, at(1, 10)),
+            (id(6), Some(0), at(3, 50)),
+            (id(7), Some(1), None),
+        ]);
+        assert_eq!(order, [6, 3, 4, 2, 7, 1, 5].map(id).to_vec());
+    }
 
     #[test]
     fn index_keys_sort_as_the_walk_visits() {

@@ -1556,3 +1556,51 @@ fn a_damaged_spool_file_is_caught_before_upload_and_the_files_are_sealed_again()
     let verify = rig.homing(&["verify", "--read-data"]);
     assert!(verify.status.success(), "{}", stderr(&verify));
 }
+
+#[test]
+fn a_budget_that_runs_out_was_spent_on_the_critical_set_first() {
+    let mut rig = Rig::new("0");
+    let media = rig.dir("media");
+    let docs = rig.dir("docs");
+    fs::write(media.join("film.bin"), bytes(91, 2 << 20, false)).unwrap();
+    fs::write(docs.join("report.bin"), bytes(92, 300_000, false)).unwrap();
+    // The bulk set first in the configuration, and sealed first.
+    rig.add_set("media", &media, "bulk");
+    rig.add_set("docs", &docs, "critical");
+    rig.stop();
+    let away = rig.homing(&["backup", "--json"]);
+    assert_eq!(away.status.code(), Some(3), "{}", stderr(&away));
+    rig.start();
+    // Home, but over a link whose budget covers a quarter of what waits: the
+    // media set's run uploads the spool, and the budget runs out.
+    let policies = rig.config.join("policies");
+    fs::create_dir(&policies).unwrap();
+    fs::write(
+        policies.join("tiny.toml"),
+        "[match]\ninterface = \"lo\"\n\n[budget]\nbytes = \"600 kB\"\nperiod = \"day\"\n",
+    )
+    .unwrap();
+    let capped = rig.homing(&["backup", "--set", "media", "--json"]);
+    assert_eq!(capped.status.code(), Some(3), "{}", stderr(&capped));
+    assert!(
+        stderr(&capped).contains("budget of this network is spent"),
+        "{}",
+        stderr(&capped)
+    );
+    // It was spent on the critical set's objects first: over a link that
+    // carries critical sets only, the docs set has nothing left to send.
+    fs::remove_file(policies.join("tiny.toml")).unwrap();
+    fs::write(
+        policies.join("narrow.toml"),
+        "[match]\ninterface = \"lo\"\n\n[link]\nclasses = [\"critical\"]\n",
+    )
+    .unwrap();
+    let out = rig.homing(&["backup", "--set", "docs", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let docs_summary = summary(&out);
+    assert_eq!(docs_summary["bytes_read"], 0, "{docs_summary}");
+    assert!(
+        docs_summary["bytes_uploaded"].as_u64().unwrap() < 20_000,
+        "the critical set's data waited behind the bulk set's: {docs_summary}"
+    );
+}

@@ -34,8 +34,12 @@ pub struct NetworkReport {
     pub all_bytes: u64,
     /// Payload bytes the budget still allows this period.
     pub left: Option<u64>,
-    /// When the queue would be gone if it went over this network: now (no cap or
-    /// enough left), or the start of the period in which it fits.
+    /// Queued bytes of the classes this network carries (the rest waits for
+    /// another link).
+    pub queued_bytes: u64,
+    /// When that part of the queue would be gone if it went over this network:
+    /// now (no cap or enough left), or the start of the period in which it
+    /// fits; `None` when nothing of it ever goes over this link.
     pub drains: Option<String>,
     /// All bytes per day, oldest first: (date, bytes).
     pub days: Vec<(String, u64)>,
@@ -50,8 +54,62 @@ pub struct Report {
     pub queued_bytes: u64,
     /// Objects waiting.
     pub queued_objects: u64,
+    /// Sealed bytes waiting per priority class.
+    pub queued_by_class: Queued,
     /// One entry per network with a ledger or a policy.
     pub networks: Vec<NetworkReport>,
+}
+
+/// Sealed bytes waiting in the spool, per priority class.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Queued {
+    /// Of critical sets.
+    pub critical: u64,
+    /// Of normal sets.
+    pub normal: u64,
+    /// Of bulk sets.
+    pub bulk: u64,
+    /// Without a class (a spool from before classes): they go over any link.
+    pub unclassified: u64,
+}
+
+impl Queued {
+    /// What a link that carries `classes` would take.
+    pub fn carried_by(&self, classes: &[homing_policy::Class]) -> u64 {
+        let mut bytes = self.unclassified;
+        for class in classes {
+            bytes += match class.index() {
+                0 => self.critical,
+                1 => self.normal,
+                _ => self.bulk,
+            };
+        }
+        bytes
+    }
+
+    /// Reads the spool's locations and classes.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn of_spool(db: &redb::Database) -> anyhow::Result<Self> {
+        let txn = db.begin_read()?;
+        let at = txn.open_table(crate::spool::SPOOL_AT)?;
+        let classes = txn.open_table(crate::state::SPOOL_CLASS)?;
+        let mut queued = Self::default();
+        for item in at.iter()? {
+            let (id, location) = item?;
+            let len =
+                crate::spool::Location::decode(location.value()).map_or(0, |l| u64::from(l.len));
+            let slot = match classes.get(id.value())?.map(|v| v.value()) {
+                Some(0) => &mut queued.critical,
+                Some(1) => &mut queued.normal,
+                Some(_) => &mut queued.bulk,
+                None => &mut queued.unclassified,
+            };
+            *slot += len;
+        }
+        Ok(queued)
+    }
 }
 
 /// Builds the report for the last `days` days.
@@ -61,6 +119,7 @@ pub struct Report {
 pub fn build(paths: &Paths, days: u32, now: Timestamp) -> anyhow::Result<Report> {
     let db = crate::state::open(&paths.state)?;
     let (queued_bytes, queued_objects) = crate::state::spool_size(&db)?;
+    let queued_by_class = Queued::of_spool(&db)?;
     // Every network that ever spent, and every policy there is.
     let mut names: BTreeMap<String, Option<Policy>> = BTreeMap::new();
     {
@@ -80,11 +139,15 @@ pub fn build(paths: &Paths, days: u32, now: Timestamp) -> anyhow::Result<Report>
     let mut networks = Vec::new();
     for (name, policy) in names {
         let ledger = crate::ledger::load(&db, &name)?;
+        // A network without a policy now carries nothing of the queue.
+        let queued = policy
+            .as_ref()
+            .map_or(0, |p| queued_by_class.carried_by(&p.link.classes));
         networks.push(network_report(
             &name,
             policy.as_ref(),
             &ledger,
-            queued_bytes,
+            queued,
             days,
             now,
         ));
@@ -93,6 +156,7 @@ pub fn build(paths: &Paths, days: u32, now: Timestamp) -> anyhow::Result<Report>
         at: now.to_string(),
         queued_bytes,
         queued_objects,
+        queued_by_class,
         networks,
     })
 }
@@ -113,6 +177,7 @@ fn network_report(
         .and_then(|b| policy.map(|p| p.link.payload_within(b.allowance().saturating_sub(spent))));
     let drains = match (policy, budget, left) {
         (Some(p), _, _) if p.link.amateur => None,
+        _ if queued == 0 => None,
         (Some(_), Some(b), Some(left)) => {
             if queued <= left {
                 Some("this period".to_string())
@@ -163,6 +228,7 @@ fn network_report(
         spent,
         all_bytes,
         left,
+        queued_bytes: queued,
         drains,
         days: history,
     }
@@ -201,7 +267,11 @@ pub fn to_text(report: &Report) -> String {
             or_dash(n.cap),
             human_bytes(n.spent),
             or_dash(n.left),
-            n.drains.as_deref().unwrap_or("never over this link"),
+            match (&n.drains, n.queued_bytes) {
+                (Some(when), _) => when.as_str(),
+                (None, 0) => "nothing queued for it",
+                (None, _) => "never over this link",
+            },
             if n.has_policy {
                 ""
             } else {
@@ -209,10 +279,19 @@ pub fn to_text(report: &Report) -> String {
             },
         ));
     }
+    let q = &report.queued_by_class;
     out.push_str(&format!(
-        "\nqueued: {} in {} objects\n",
+        "\nqueued: {} in {} objects (critical {}, normal {}, bulk {}{})\n",
         human_bytes(report.queued_bytes),
-        report.queued_objects
+        report.queued_objects,
+        human_bytes(q.critical),
+        human_bytes(q.normal),
+        human_bytes(q.bulk),
+        if q.unclassified > 0 {
+            format!(", without a class {}", human_bytes(q.unclassified))
+        } else {
+            String::new()
+        },
     ));
     let widest = report
         .networks
@@ -282,8 +361,44 @@ mod tests {
             at: now.to_string(),
             queued_bytes: 230_000_000,
             queued_objects: 7000,
+            queued_by_class: Queued {
+                normal: 230_000_000,
+                ..Queued::default()
+            },
             networks: vec![big],
         });
         assert!(text.contains("hotspot") && text.contains("█"), "{text}");
+        assert!(text.contains("normal 230.0 MB"), "{text}");
+        // Nothing of the queue for this link: nothing drains over it.
+        let idle = network_report("hotspot", Some(&policy), &ledger, 0, 3, now);
+        assert_eq!(idle.drains, None);
+        assert!(
+            to_text(&Report {
+                at: now.to_string(),
+                queued_bytes: 0,
+                queued_objects: 0,
+                queued_by_class: Queued::default(),
+                networks: vec![idle],
+            })
+            .contains("nothing queued for it")
+        );
+    }
+
+    #[test]
+    fn a_link_carries_only_its_classes_of_the_queue() {
+        let queued = Queued {
+            critical: 1,
+            normal: 20,
+            bulk: 300,
+            unclassified: 4000,
+        };
+        let narrow = Policy::parse(
+            "[link]\nclasses = [\"critical\"]\n",
+            Path::new("narrow.toml"),
+        )
+        .unwrap();
+        assert_eq!(queued.carried_by(&narrow.link.classes), 4001);
+        let everything = Policy::parse("", Path::new("home.toml")).unwrap();
+        assert_eq!(queued.carried_by(&everything.link.classes), 4321);
     }
 }

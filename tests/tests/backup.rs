@@ -1587,8 +1587,16 @@ fn a_budget_that_runs_out_was_spent_on_the_critical_set_first() {
         "{}",
         stderr(&capped)
     );
-    // It was spent on the critical set's objects first: over a link that
-    // carries critical sets only, the docs set has nothing left to send.
+    // It was spent on the critical set's objects first: the report shows only
+    // bulk data waiting, and over a link that carries critical sets only, the
+    // docs set has nothing left to send.
+    let report: serde_json::Value =
+        serde_json::from_str(&ok(rig.homing(&["report", "--json"]))).unwrap();
+    assert_eq!(report["queued_by_class"]["critical"], 0, "{report}");
+    assert!(
+        report["queued_by_class"]["bulk"].as_u64().unwrap() > 1_000_000,
+        "{report}"
+    );
     fs::remove_file(policies.join("tiny.toml")).unwrap();
     fs::write(
         policies.join("narrow.toml"),

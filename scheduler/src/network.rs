@@ -375,25 +375,173 @@ fe800000000000000000000000000000 40 00000000000000000000000000000000 00 00000000
 
 #[cfg(not(target_os = "linux"))]
 mod platform {
-    //! Elsewhere: no routing table is read yet (the watcher brings a routing
-    //! socket); the first interface that is up stands for the link.
+    //! Elsewhere (OpenBSD, macOS, the other BSDs): the route and the gateway's
+    //! MAC from the system's own `route -n get` and `arp -n`, whose output the
+    //! portable parsers below read; the kind is not known.
 
     use std::net::IpAddr;
+    use std::process::Command;
 
     use homing_policy::LinkKind;
 
     use super::Route;
 
-    pub(super) fn route_to(_target: IpAddr) -> Option<Route> {
-        None
+    fn run(program: &str, args: &[&str]) -> Option<String> {
+        let out = Command::new(program).args(args).output().ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    pub(super) fn route_to(target: IpAddr) -> Option<Route> {
+        let family = if target.is_ipv6() { "-inet6" } else { "-inet" };
+        let text = run("route", &["-n", "get", family, &target.to_string()])?;
+        super::parse_bsd_route_get(&text)
     }
 
     pub(super) fn kind_of(_interface: &str) -> Option<LinkKind> {
         None
     }
 
-    pub(super) fn mac_of(_address: IpAddr) -> Option<String> {
-        None
+    pub(super) fn mac_of(address: IpAddr) -> Option<String> {
+        let text = run("arp", &["-n", &address.to_string()])?;
+        super::parse_bsd_arp(&text, address)
+    }
+}
+
+/// The route in the output of BSD `route -n get TARGET` (OpenBSD, macOS,
+/// FreeBSD): its `interface:` and `gateway:` lines. A gateway that is not an
+/// address (`link#5` for a directly connected network) is none.
+#[cfg_attr(target_os = "linux", allow(dead_code))]
+fn parse_bsd_route_get(text: &str) -> Option<Route> {
+    let mut interface = None;
+    let mut gateway = None;
+    for line in text.lines() {
+        let line = line.trim();
+        if let Some(value) = line.strip_prefix("interface:") {
+            interface = Some(value.trim().to_string()).filter(|i| !i.is_empty());
+        } else if let Some(value) = line.strip_prefix("gateway:") {
+            // An IPv6 link-local gateway carries its zone (`fe80::1%en0`).
+            let value = value.trim();
+            let value = value.split('%').next().unwrap_or(value);
+            gateway = value.parse::<IpAddr>().ok();
+        }
+    }
+    Some(Route {
+        interface: interface?,
+        gateway,
+    })
+}
+
+/// The MAC address of `address` in the output of BSD `arp -n ADDRESS`:
+/// macOS's `? (192.168.1.1) at a4:2b:b0:1:2:3 on en0 ...` (octets without
+/// their leading zero) or OpenBSD's table row `192.168.1.1 00:11:22:33:44:55
+/// em0 ...`; lower-case, two digits an octet. An incomplete entry is none.
+#[cfg_attr(target_os = "linux", allow(dead_code))]
+fn parse_bsd_arp(text: &str, address: IpAddr) -> Option<String> {
+    let wanted = address.to_string();
+    let bracketed = format!("({wanted})");
+    text.lines()
+        .filter(|line| {
+            line.split_whitespace()
+                .any(|word| word == wanted || word == bracketed)
+        })
+        .flat_map(str::split_whitespace)
+        .find_map(|word| {
+            let octets: Vec<&str> = word.split(':').collect();
+            if octets.len() != 6 {
+                return None;
+            }
+            let octets: Vec<u8> = octets
+                .iter()
+                .map(|o| {
+                    if o.is_empty() || o.len() > 2 {
+                        None
+                    } else {
+                        u8::from_str_radix(o, 16).ok()
+                    }
+                })
+                .collect::<Option<_>>()?;
+            Some(
+                octets
+                    .iter()
+                    .map(|o| format!("{o:02x}"))
+                    .collect::<Vec<_>>()
+                    .join(":"),
+            )
+        })
+}
+
+#[cfg(test)]
+mod bsd_tests {
+    use super::*;
+
+    #[test]
+    fn macos_and_openbsd_routes_are_read_from_route_get() {
+        let macos = "   route to: 203.0.113.7
+destination: default
+       mask: default
+    gateway: 192.168.1.1
+  interface: en0
+      flags: <UP,GATEWAY,DONE,STATIC,PRCLONING,GLOBAL>
+ recvpipe  sendpipe  ssthresh  rtt,msec    rttvar  hopcount      mtu     expire
+       0         0         0         0         0         0      1500         0
+";
+        assert_eq!(
+            parse_bsd_route_get(macos),
+            Some(Route {
+                interface: "en0".into(),
+                gateway: Some("192.168.1.1".parse().unwrap()),
+            })
+        );
+        let openbsd_lan = "   route to: 10.0.0.9
+destination: 10.0.0.0
+       mask: 255.255.255.0
+    gateway: link#1
+  interface: em0
+ if address: 10.0.0.5
+   priority: 4 (connected)
+      flags: <UP,DONE,CLONING,CONNECTED>
+";
+        assert_eq!(
+            parse_bsd_route_get(openbsd_lan),
+            Some(Route {
+                interface: "em0".into(),
+                gateway: None,
+            })
+        );
+        let v6 = "   route to: 2001:db8::1\n    gateway: fe80::1%en0\n  interface: en0\n";
+        assert_eq!(
+            parse_bsd_route_get(v6).unwrap().gateway,
+            Some("fe80::1".parse().unwrap())
+        );
+        assert_eq!(
+            parse_bsd_route_get("route: writing to routing socket: not in table\n"),
+            None
+        );
+    }
+
+    #[test]
+    fn gateway_macs_are_read_from_arp() {
+        let gateway: IpAddr = "192.168.1.1".parse().unwrap();
+        let macos = "? (192.168.1.1) at a4:2b:b0:1:2:3 on en0 ifscope [ethernet]\n";
+        assert_eq!(
+            parse_bsd_arp(macos, gateway).as_deref(),
+            Some("a4:2b:b0:01:02:03")
+        );
+        let openbsd =
+            "Host                                 Ethernet Address   Netif Expire    Flags
+192.168.1.1                          00:11:22:AA:BB:CC    em0 19m59s
+";
+        assert_eq!(
+            parse_bsd_arp(openbsd, gateway).as_deref(),
+            Some("00:11:22:aa:bb:cc")
+        );
+        let incomplete = "? (192.168.1.1) at (incomplete) on en0 ifscope [ethernet]\n";
+        assert_eq!(parse_bsd_arp(incomplete, gateway), None);
+        // Another host's entry is not the gateway's.
+        let other = "? (192.168.1.10) at a4:2b:b0:1:2:3 on en0 ifscope [ethernet]\n";
+        assert_eq!(parse_bsd_arp(other, gateway), None);
     }
 }
 

@@ -55,6 +55,7 @@ pub fn observe(store: &str) -> Option<Link> {
         observation.ssid = view.ssid;
         observation.bssid = view.bssid;
         observation.metered = view.metered;
+        observation.android_metered = view.android_metered;
     }
     observation.interface = interface;
     Some(Link {

@@ -99,6 +99,7 @@ pub struct Device {
     metered: u32,
     kind: u32,
     access_point: Option<(String, String)>,
+    dhcp_vendor: Option<String>,
 }
 
 /// `NM_DEVICE_TYPE_WIFI`.
@@ -113,6 +114,7 @@ impl Device {
             metered,
             kind: WIFI,
             access_point: access_point.map(|(ssid, mac)| (ssid.into(), mac.into())),
+            dhcp_vendor: None,
         }
     }
 
@@ -123,7 +125,15 @@ impl Device {
             metered,
             kind: 8,
             access_point: None,
+            dhcp_vendor: None,
         }
+    }
+
+    /// With a DHCP lease whose vendor option (43) NetworkManager shows as
+    /// `value`.
+    pub fn with_dhcp_vendor(mut self, value: &str) -> Self {
+        self.dhcp_vendor = Some(value.into());
+        self
     }
 }
 
@@ -153,6 +163,7 @@ impl Manager {
 struct DeviceObject {
     metered: u32,
     kind: u32,
+    dhcp: String,
 }
 
 #[zbus::interface(name = "org.freedesktop.NetworkManager.Device")]
@@ -164,6 +175,33 @@ impl DeviceObject {
     #[zbus(property)]
     fn device_type(&self) -> u32 {
         self.kind
+    }
+    #[zbus(property)]
+    fn dhcp4_config(&self) -> OwnedObjectPath {
+        path(&self.dhcp)
+    }
+}
+
+struct Dhcp4Config {
+    vendor: String,
+}
+
+#[zbus::interface(name = "org.freedesktop.NetworkManager.DHCP4Config")]
+impl Dhcp4Config {
+    #[zbus(property)]
+    fn options(&self) -> std::collections::HashMap<String, zbus::zvariant::OwnedValue> {
+        let mut options = std::collections::HashMap::new();
+        for (key, value) in [
+            ("vendor_encapsulated_options", self.vendor.as_str()),
+            ("ip_address", "192.168.43.17"),
+        ] {
+            options.insert(
+                key.to_string(),
+                zbus::zvariant::OwnedValue::try_from(zbus::zvariant::Value::from(value))
+                    .expect("a string value"),
+            );
+        }
+        options
     }
 }
 
@@ -215,15 +253,25 @@ pub fn network_manager(address: &str, devices: Vec<Device>) -> Connection {
         .expect("the fake NetworkManager");
     for (n, device) in devices.into_iter().enumerate() {
         let at = format!("{DEVICES}/{n}");
+        let dhcp = match &device.dhcp_vendor {
+            Some(_) => format!("/org/freedesktop/NetworkManager/DHCP4Config/{n}"),
+            None => "/".to_string(),
+        };
         builder = builder
             .serve_at(
                 path(&at).into_inner(),
                 DeviceObject {
                     metered: device.metered,
                     kind: device.kind,
+                    dhcp: dhcp.clone(),
                 },
             )
             .expect("a device");
+        if let Some(vendor) = device.dhcp_vendor.clone() {
+            builder = builder
+                .serve_at(path(&dhcp).into_inner(), Dhcp4Config { vendor })
+                .expect("a DHCP configuration");
+        }
         if device.kind == WIFI {
             let access_point = match &device.access_point {
                 Some(_) => format!("/org/freedesktop/NetworkManager/AccessPoint/{n}"),

@@ -492,4 +492,21 @@ fn a_wifi_network_manager_calls_metered_gets_the_policy_written_for_it() {
     assert_eq!(after["network"], "cafe", "{after}");
     let text = after.to_string();
     assert!(text.contains("Café Wi-Fi"), "{after}");
+    // Another network: a phone's hotspot, whose DHCP lease carries Android's
+    // mark (NetworkManager shows option 43 in hex).
+    drop(_network_manager);
+    std::fs::write(
+        rig.config.join("policies/phone.toml"),
+        "[match]\ninterface = \"nlc0\"\nhotspot = true\n\n[budget]\nbytes = \"2 GB\"\nperiod = \"month\"\n",
+    )
+    .expect("a policy");
+    let _network_manager = homing_e2e::dbus::network_manager(
+        bus.address(),
+        vec![
+            homing_e2e::dbus::Device::wifi("nlc0", 0, Some(("Pixel", "02:11:22:33:44:55")))
+                .with_dhcp_vendor("41:4e:44:52:4f:49:44:5f:4d:45:54:45:52:45:44"),
+        ],
+    );
+    let phone = explain();
+    assert_eq!(phone["network"], "phone", "{phone}");
 }

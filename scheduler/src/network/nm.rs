@@ -1,7 +1,8 @@
 //! NetworkManager's view of a link, over D-Bus (Linux, where NetworkManager
-//! runs): the Wi-Fi network's name and access point, and the metered flag that
+//! runs): the Wi-Fi network's name and access point, the metered flag that
 //! NetworkManager takes from the connection's settings or guesses (a phone's
-//! hotspot announces itself; a mobile broadband modem is metered).
+//! hotspot announces itself; a mobile broadband modem is metered), and
+//! Android's hotspot mark in the DHCP lease.
 //!
 //! One short look per observation: a connection to the system bus, a question
 //! whether NetworkManager is there at all (so that D-Bus never starts it), and
@@ -22,6 +23,7 @@ const PATH: &str = "/org/freedesktop/NetworkManager";
 const DEVICE: &str = "org.freedesktop.NetworkManager.Device";
 const WIRELESS: &str = "org.freedesktop.NetworkManager.Device.Wireless";
 const ACCESS_POINT: &str = "org.freedesktop.NetworkManager.AccessPoint";
+const DHCP4_CONFIG: &str = "org.freedesktop.NetworkManager.DHCP4Config";
 /// `NM_DEVICE_TYPE_WIFI`.
 const DEVICE_TYPE_WIFI: u32 = 2;
 
@@ -36,6 +38,24 @@ pub struct View {
     /// Whether the link is metered (`NMMetered`: yes or guessed yes, no or
     /// guessed no); `None` when NetworkManager does not know.
     pub metered: Option<bool>,
+    /// Whether the DHCP lease carries Android's hotspot mark (vendor option
+    /// 43 = `ANDROID_METERED`).
+    pub android_metered: bool,
+}
+
+/// Whether a DHCP option's value, as NetworkManager shows it (the text, or
+/// its bytes in hex with colons, depending on the DHCP client), says
+/// `ANDROID_METERED`.
+fn says_android_metered(value: &str) -> bool {
+    const MARK: &str = "ANDROID_METERED";
+    if value.contains(MARK) {
+        return true;
+    }
+    let bytes: Option<Vec<u8>> = value
+        .split(':')
+        .map(|octet| u8::from_str_radix(octet.trim(), 16).ok())
+        .collect();
+    bytes.is_some_and(|bytes| bytes.windows(MARK.len()).any(|w| w == MARK.as_bytes()))
 }
 
 /// NetworkManager's view of `interface`, from the system bus.
@@ -85,6 +105,19 @@ pub fn look_on(connection: &Connection, interface: &str) -> Option<View> {
         metered,
         ..View::default()
     };
+    if let Ok(dhcp) = properties.get_property::<OwnedObjectPath>("Dhcp4Config")
+        && dhcp.as_str() != "/"
+        && let Some(config) = proxy(connection, dhcp.as_str(), DHCP4_CONFIG)
+        && let Ok(options) = config
+            .get_property::<std::collections::HashMap<String, zbus::zvariant::OwnedValue>>(
+                "Options",
+            )
+    {
+        view.android_metered = options
+            .get("vendor_encapsulated_options")
+            .and_then(|value| String::try_from(value.clone()).ok())
+            .is_some_and(|value| says_android_metered(&value));
+    }
     if properties.get_property::<u32>("DeviceType").ok() == Some(DEVICE_TYPE_WIFI)
         && let Some(wireless) = proxy(connection, &device, WIRELESS)
         && let Ok(access_point) = wireless.get_property::<OwnedObjectPath>("ActiveAccessPoint")
@@ -112,6 +145,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn androids_mark_is_read_as_text_or_as_hex() {
+        assert!(says_android_metered("ANDROID_METERED"));
+        assert!(says_android_metered(
+            "41:4e:44:52:4f:49:44:5f:4d:45:54:45:52:45:44"
+        ));
+        assert!(!says_android_metered("41:4e:44"));
+        assert!(!says_android_metered(""));
+        assert!(!says_android_metered("zz:zz"));
+    }
+
+    #[test]
     fn wifi_names_access_points_and_the_metered_flag_come_from_network_manager() {
         let Some(bus) = Bus::start() else { return };
         let client = zbus::blocking::connection::Builder::address(bus.address())
@@ -124,6 +168,10 @@ mod tests {
             vec![
                 // Wi-Fi on a cafe's access point, guessed not metered.
                 Device::wifi("wlan0", 4, Some(("Café Wi-Fi", "AA:BB:CC:DD:EE:0F"))),
+                // A phone's hotspot: its lease carries Android's mark (in hex, as
+                // NetworkManager with dhclient shows it).
+                Device::wifi("wlan2", 0, Some(("Pixel", "02:11:22:33:44:55")))
+                    .with_dhcp_vendor("41:4e:44:52:4f:49:44:5f:4d:45:54:45:52:45:44"),
                 // A USB modem, metered.
                 Device::other("usb0", 1),
                 // Wi-Fi associated with nothing, metered unknown.
@@ -136,6 +184,7 @@ mod tests {
                 ssid: Some("Café Wi-Fi".into()),
                 bssid: Some("aa:bb:cc:dd:ee:0f".into()),
                 metered: Some(false),
+                android_metered: false,
             })
         );
         assert_eq!(
@@ -146,6 +195,15 @@ mod tests {
             })
         );
         assert_eq!(look_on(&client, "wlan1"), Some(View::default()));
+        assert_eq!(
+            look_on(&client, "wlan2"),
+            Some(View {
+                ssid: Some("Pixel".into()),
+                bssid: Some("02:11:22:33:44:55".into()),
+                metered: None,
+                android_metered: true,
+            })
+        );
         // An interface NetworkManager does not manage.
         assert_eq!(look_on(&client, "veth7"), None);
         drop(service);

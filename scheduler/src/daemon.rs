@@ -62,8 +62,9 @@ pub struct Status {
     pub network: Option<String>,
     /// The last run's outcome per set.
     pub sets: Vec<serde_json::Value>,
-    /// The last run's error, if it could not run at all (bad configuration or
-    /// policies: the daemon keeps going and tries again).
+    /// The last run's error, if it could not run at all (bad configuration, or
+    /// policies that never loaded: the daemon keeps going and tries again), or
+    /// why it ran on the last policies that loaded (the files on disk do not).
     pub error: Option<String>,
 }
 
@@ -164,6 +165,7 @@ fn main_loop(
     let mut looked = Timestamp::UNIX_EPOCH;
     let mut pending_link = false;
     let mut sleep = Duration::ZERO;
+    let mut last_good: LastGood = None;
     loop {
         let (forced, event) = match wakes.recv_timeout(sleep) {
             Ok(Wake::Stop) | Err(RecvTimeoutError::Disconnected) => return Ok(()),
@@ -250,7 +252,7 @@ fn main_loop(
         // upload stops at its next write.
         *lock_link(&watch.during_run) = link.clone();
         watch.changed.store(false, Ordering::SeqCst);
-        let outcome = run_once(paths, keys, &watch.changed);
+        let outcome = run_once(paths, keys, &watch.changed, &mut last_good);
         *lock_link(&watch.during_run) = None;
         let finished = Timestamp::now();
         if due {
@@ -262,10 +264,10 @@ fn main_loop(
         shown.last_run = Some(finished.to_string());
         shown.next_run = Some(next.to_string());
         match outcome {
-            Ok((network, sets)) => {
+            Ok((network, sets, warning)) => {
                 shown.network = Some(network);
                 shown.sets = sets;
-                shown.error = None;
+                shown.error = warning;
             }
             Err(error) => {
                 tracing::error!("the run failed: {error:#}");
@@ -275,18 +277,42 @@ fn main_loop(
     }
 }
 
+/// The policies the daemon last loaded without an error: while the files on
+/// disk do not load (a half-written edit), runs go on with these, and the
+/// status says why.
+type LastGood = Option<Option<homing_policy::PolicySet>>;
+
+/// One run: its network and why, each set's outcome as JSON, and a warning for
+/// the status (the policies on disk did not load and the last good ones were
+/// used).
 fn run_once(
     paths: &Paths,
     keys: &homing_crypto::KeyRing,
     stop: &Arc<AtomicBool>,
-) -> anyhow::Result<(String, Vec<serde_json::Value>)> {
+    last_good: &mut LastGood,
+) -> anyhow::Result<(String, Vec<serde_json::Value>, Option<String>)> {
     let config = Config::load(&paths.config)?;
     // Open for the run only: between runs other commands use the state.
     let db = &Arc::new(crate::state::open(&paths.state)?);
     if config.sets.is_empty() {
         bail!("no backup sets are configured: add [[set]] sections to config.toml");
     }
-    let plan = crate::policy::plan(paths, &config.store.address)?;
+    let mut warning = None;
+    match crate::policy::load_set(paths) {
+        Ok(set) => *last_good = Some(set),
+        Err(error) => match last_good {
+            Some(_) => {
+                tracing::error!("{error:#}; running on the last policies that loaded");
+                warning = Some(format!(
+                    "{error:#}\n(running on the last policies that loaded; fix the files, \
+                     they are read again at the next run)"
+                ));
+            }
+            None => return Err(error),
+        },
+    }
+    let set = last_good.as_ref().and_then(Option::as_ref);
+    let plan = crate::policy::plan_with(set, paths, &config.store.address)?;
     let client = crate::commands::Client {
         paths,
         config: &config,
@@ -310,7 +336,7 @@ fn run_once(
         }
         sets.push(serde_json::to_value(outcome)?);
     }
-    Ok((format!("{}: {}", plan.network, plan.why), sets))
+    Ok((format!("{}: {}", plan.network, plan.why), sets, warning))
 }
 
 fn lock(status: &Mutex<Status>) -> std::sync::MutexGuard<'_, Status> {

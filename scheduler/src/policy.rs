@@ -219,7 +219,21 @@ pub fn directory(paths: &crate::paths::Paths) -> PathBuf {
 /// # Errors
 /// Unreadable or bad policy files (every error, each with its file and line).
 pub fn plan(paths: &crate::paths::Paths, store: &str) -> anyhow::Result<Plan> {
-    let Some(set) = load_set(paths)? else {
+    plan_with(load_set(paths)?.as_ref(), paths, store)
+}
+
+/// [`plan`] with policies already loaded (`None`: no policy directory): the
+/// daemon keeps the last set that loaded and plans with it while the files
+/// on disk do not load.
+///
+/// # Errors
+/// Two equally specific policies for the link.
+pub fn plan_with(
+    set: Option<&PolicySet>,
+    paths: &crate::paths::Paths,
+    store: &str,
+) -> anyhow::Result<Plan> {
+    let Some(set) = set else {
         return Ok(Plan {
             network: "any".into(),
             policy: None,

@@ -1612,3 +1612,90 @@ fn a_budget_that_runs_out_was_spent_on_the_critical_set_first() {
         "the critical set's data waited behind the bulk set's: {docs_summary}"
     );
 }
+
+#[test]
+fn the_daemon_runs_on_the_last_good_policies_while_a_file_is_broken() {
+    let rig = Rig::new("0");
+    let src = rig.dir("src");
+    fs::write(src.join("a.txt"), "first\n").unwrap();
+    rig.add_set("home", &src, "normal");
+    let policies = rig.config.join("policies");
+    fs::create_dir(&policies).unwrap();
+    fs::write(
+        policies.join("this-machine.toml"),
+        "[match]\ninterface = \"lo\"\n",
+    )
+    .unwrap();
+    let mut daemon = Command::new(binary("homing"))
+        .arg("--config")
+        .arg(&rig.config)
+        .args(["daemon", "--interval-minutes", "60"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("the daemon starts");
+    let status = || -> serde_json::Value {
+        let out = rig.homing(&["status", "--json"]);
+        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+    };
+    let wait_for_runs = |runs: u64| -> serde_json::Value {
+        for _ in 0..200 {
+            let now = status();
+            if now["runs"].as_u64().is_some_and(|r| r >= runs) && now["running"] == false {
+                return now;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("the daemon did not finish run {runs}: {}", status());
+    };
+    let first = wait_for_runs(1);
+    assert!(
+        first["network"]
+            .as_str()
+            .is_some_and(|n| n.starts_with("this-machine")),
+        "{first}"
+    );
+    assert_eq!(first["error"], serde_json::Value::Null, "{first}");
+    // A half-written edit: the next run goes on the policies that loaded, and
+    // the status names the file, the line and what to do.
+    fs::write(
+        policies.join("this-machine.toml"),
+        "[match]\ninterface = \"lo\"\n\n[budget]\nbytes = \n",
+    )
+    .unwrap();
+    fs::write(src.join("a.txt"), "second\n").unwrap();
+    ok(rig.homing(&["backup-now"]));
+    let second = wait_for_runs(2);
+    let snapshot =
+        |status: &serde_json::Value| status["sets"][0]["result"]["done"]["snapshot"].clone();
+    assert!(snapshot(&second).is_string(), "{second}");
+    assert_ne!(
+        snapshot(&second),
+        snapshot(&first),
+        "no new snapshot: {second}"
+    );
+    assert!(
+        second["network"]
+            .as_str()
+            .is_some_and(|n| n.starts_with("this-machine")),
+        "{second}"
+    );
+    let error = second["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{second}"));
+    assert!(
+        error.contains("this-machine.toml:") && error.contains("last policies that loaded"),
+        "{error}"
+    );
+    // Fixed, the warning goes.
+    fs::write(
+        policies.join("this-machine.toml"),
+        "[match]\ninterface = \"lo\"\n",
+    )
+    .unwrap();
+    ok(rig.homing(&["backup-now"]));
+    let third = wait_for_runs(3);
+    assert_eq!(third["error"], serde_json::Value::Null, "{third}");
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+}

@@ -252,18 +252,28 @@ impl std::fmt::Debug for Run<'_> {
     }
 }
 
-/// The order spooled objects go in: the most urgent class first, and within a
-/// class the oldest first (the order they were sealed in, which is also the
-/// order of the spool files, so reading them is sequential): a budget that
-/// runs out has spent itself on what matters most and waited longest, and the
-/// change set sealed first is the first to be whole at the store.
+/// The order spooled objects go in: the most urgent class first; within a
+/// class the smaller change set first (a change set is a spool file: each run
+/// writes its own, and a large one is cut into files of at most
+/// `spool::FILE_BYTES`, so its files count as that many sets), then the older
+/// (the order of sealing, which also reads the spool files front to back). A
+/// budget that runs short is spent on what matters most, a small change does
+/// not wait behind a large import of the same class, and of equals the one
+/// sealed first is the first to be whole at the store.
 fn upload_order(
     mut waiting: Vec<(ObjectId, Option<u8>, Option<spool_files::Location>)>,
+    file_bytes: &std::collections::HashMap<u64, u64>,
 ) -> Vec<ObjectId> {
     waiting.sort_by_key(|(_, class, location)| {
         (
             class.unwrap_or(u8::MAX),
-            location.map_or((u64::MAX, u64::MAX), |l| (l.file, l.offset)),
+            location.map_or((u64::MAX, u64::MAX, u64::MAX), |l| {
+                (
+                    file_bytes.get(&l.file).copied().unwrap_or(u64::MAX),
+                    l.file,
+                    l.offset,
+                )
+            }),
         )
     });
     waiting.into_iter().map(|(id, _, _)| id).collect()
@@ -1215,7 +1225,14 @@ impl<'a> Scan<'a> {
                     ));
                 }
             }
-            upload_order(waiting)
+            // What each spool file still holds: the size of its change set.
+            let files = txn.open_table(spool_files::SPOOL_FILES)?;
+            let mut file_bytes = std::collections::HashMap::new();
+            for item in files.iter()? {
+                let (file, live) = item?;
+                file_bytes.insert(file.value(), live.value());
+            }
+            upload_order(waiting, &file_bytes)
         };
         if ids.is_empty() {
             return Ok(());
@@ -1383,7 +1400,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn critical_objects_go_first_then_the_oldest() {
+    fn critical_objects_go_first_then_smaller_change_sets_then_older() {
         let at = |file, offset| {
             Some(spool_files::Location {
                 file,
@@ -1393,7 +1410,8 @@ mod tests {
             })
         };
         let id = |n: u8| ObjectId::from_bytes([n; 32]);
-        let order = upload_order(vec![
+        let sizes = |pairs: &[(u64, u64)]| pairs.iter().copied().collect();
+        let waiting = vec![
             (id(1), Some(2), at(1, 0)),
             (id(2), Some(1), at(2, 0)),
             (id(3), Some(0), at(3, 100)),
@@ -1401,8 +1419,20 @@ mod tests {
             (id(5), None, at(1, 10)),
             (id(6), Some(0), at(3, 50)),
             (id(7), Some(1), None),
-        ]);
-        assert_eq!(order, [6, 3, 4, 2, 7, 1, 5].map(id).to_vec());
+        ];
+        // Files of equal size: by class, then the order of sealing.
+        let even = sizes(&[(1, 1000), (2, 1000), (3, 1000)]);
+        assert_eq!(
+            upload_order(waiting.clone(), &even),
+            [6, 3, 4, 2, 7, 1, 5].map(id).to_vec()
+        );
+        // File 2 is a small change set of the normal class: it goes before the
+        // large older one in file 1.
+        let small_second = sizes(&[(1, 64 << 20), (2, 3000), (3, 1000)]);
+        assert_eq!(
+            upload_order(waiting, &small_second),
+            [6, 3, 2, 4, 7, 1, 5].map(id).to_vec()
+        );
     }
 
     #[test]

@@ -2,9 +2,9 @@
 //! at the other end of a shaped link (root only; without, it says so and ends).
 //!
 //! - Idle: after its first run, the daemon's CPU time (user + system, every
-//!   thread, from /proc) and its wake-ups (context switches of every thread)
-//!   over `HOMING_BENCH_IDLE_SECS` seconds (default 600, the issue's 10
-//!   minutes). Its own timer looks at the link once a minute.
+//!   thread, from /proc) and its wake-ups (context switches of each thread,
+//!   listed per thread) over `HOMING_BENCH_IDLE_SECS` seconds (default 600,
+//!   the issue's 10 minutes). Its own timer looks at the link once a minute.
 //! - Event to decision: an address is added to or removed from the client's
 //!   interface 20 times; the time from just before `ip` runs to the daemon's
 //!   "decided on the new link" line on stderr (the line is timestamped as it
@@ -23,8 +23,37 @@ use tokio::time::Instant;
 use homing_e2e::binary;
 use homing_e2e::lab::{self, Lab};
 
-/// CPU seconds (user + system) and context switches of every thread of `pid`.
-fn usage(pid: u32) -> (f64, u64) {
+/// Context switches per thread of `pid`: (thread id, name) → switches.
+fn switches_by_thread(pid: u32) -> std::collections::BTreeMap<(String, String), u64> {
+    let mut threads = std::collections::BTreeMap::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("threads") {
+        let path = task.expect("a thread").path();
+        let status = std::fs::read_to_string(path.join("status")).unwrap_or_default();
+        let name = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Name:"))
+            .unwrap_or("?")
+            .trim()
+            .to_string();
+        let count: u64 = status
+            .lines()
+            .filter_map(|line| {
+                line.strip_prefix("voluntary_ctxt_switches:")
+                    .or_else(|| line.strip_prefix("nonvoluntary_ctxt_switches:"))
+            })
+            .filter_map(|rest| rest.trim().parse::<u64>().ok())
+            .sum();
+        let id = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        threads.insert((id, name), count);
+    }
+    threads
+}
+
+/// CPU seconds (user + system) of every thread of `pid`, ended ones included.
+fn usage(pid: u32) -> f64 {
     let ticks_per_second = 100.0; // USER_HZ on Linux
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("the daemon runs");
     // Fields after the command name (which may hold spaces) in parentheses.
@@ -32,20 +61,7 @@ fn usage(pid: u32) -> (f64, u64) {
     let fields: Vec<&str> = after.split_whitespace().collect();
     let utime: f64 = fields[11].parse().expect("utime");
     let stime: f64 = fields[12].parse().expect("stime");
-    let mut switches = 0;
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("threads") {
-        let status = std::fs::read_to_string(task.expect("a thread").path().join("status"))
-            .unwrap_or_default();
-        for line in status.lines() {
-            if let Some(rest) = line
-                .strip_prefix("voluntary_ctxt_switches:")
-                .or_else(|| line.strip_prefix("nonvoluntary_ctxt_switches:"))
-            {
-                switches += rest.trim().parse::<u64>().unwrap_or(0);
-            }
-        }
-    }
-    ((utime + stime) / ticks_per_second, switches)
+    (utime + stime) / ticks_per_second
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -119,13 +135,28 @@ fn main() {
     std::thread::sleep(Duration::from_secs(2));
 
     // Idle.
-    let (cpu0, switches0) = usage(pid);
+    let cpu0 = usage(pid);
+    let threads0 = switches_by_thread(pid);
     let started = Instant::now();
     std::thread::sleep(Duration::from_secs(idle_secs));
-    let (cpu1, switches1) = usage(pid);
+    let cpu1 = usage(pid);
+    let threads1 = switches_by_thread(pid);
+    // Per thread (a thread that ended meanwhile takes its count with it, so
+    // the process's total cannot be a difference of two sums).
+    let mut wakeups = 0;
+    for ((id, name), count) in &threads1 {
+        let before = threads0
+            .get(&(id.clone(), name.clone()))
+            .copied()
+            .unwrap_or(0);
+        let woke = count.saturating_sub(before);
+        wakeups += woke;
+        if woke > 0 {
+            println!("  thread {id} ({name}): {woke} context switches");
+        }
+    }
     let elapsed = started.elapsed().as_secs_f64();
     let idle_cpu = cpu1 - cpu0;
-    let wakeups = switches1 - switches0;
     let per_minute = wakeups as f64 * 60.0 / elapsed;
     println!(
         "idle daemon over {elapsed:.0} s: {idle_cpu:.3} CPU-s ({:.4} % of a core), \

@@ -20,7 +20,6 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use homing_e2e::binary;
 use homing_e2e::lab::{self, Lab};
 
 /// Context switches per thread of `pid`: (thread id, name) → switches.
@@ -95,9 +94,7 @@ fn main() {
     std::fs::write(&file, config).expect("the configuration");
 
     let mut daemon = lab
-        .exec("CLIENT_NS", &binary("homing"))
-        .arg("--config")
-        .arg(&rig.config)
+        .homing(&rig.config)
         .arg("daemon")
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1")

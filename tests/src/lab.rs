@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
-use crate::binary;
+use crate::{binary, homing_store};
 
 fn netlab() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("netlab.sh")
@@ -131,6 +131,13 @@ impl Lab {
         command.args(["netns", "exec", self.get(side)]).arg(program);
         command
     }
+
+    /// `homing --config CONFIG` in the client's namespace (arguments to add).
+    pub fn homing(&self, config: &Path) -> Command {
+        let mut command = self.exec("CLIENT_NS", &binary("homing"));
+        command.arg("--config").arg(config);
+        command
+    }
 }
 
 impl Drop for Lab {
@@ -146,7 +153,7 @@ impl Drop for Lab {
 ///
 /// # Panics
 /// If it cannot start.
-pub fn run(mut command: Command) -> Output {
+pub fn run(command: &mut Command) -> Output {
     command.output().expect("the command runs")
 }
 
@@ -166,19 +173,6 @@ impl Drop for Rig {
         let _ = self.server.kill();
         let _ = self.server.wait();
     }
-}
-
-fn homing_store(args: &[&str]) {
-    let out = Command::new(binary("homing-store"))
-        .args(args)
-        .env_remove("HOMING_STORE")
-        .output()
-        .expect("homing-store runs");
-    assert!(
-        out.status.success(),
-        "homing-store {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// A store with one account, served in the server's namespace, and a client
@@ -218,27 +212,20 @@ pub fn rig(lab: &Lab, policy: &str) -> Rig {
         assert!(line.starts_with("listening on"), "{line}");
     }
     let config = home.path().join("client");
-    let c = config.to_str().expect("the lab set-up");
-    let init = run({
-        let mut command = lab.exec("CLIENT_NS", &binary("homing"));
-        command.args([
-            "--config",
-            c,
-            "init",
-            "--store",
-            &format!("{server_ip}:7473"),
-            "--server-name",
-            &server_ip,
-            "--ca",
-            &format!("{p}-ca.crt"),
-            "--cert",
-            &format!("{p}.crt"),
-            "--key",
-            &format!("{p}.key"),
-            "--no-passphrase",
-        ]);
-        command
-    });
+    let init = run(lab.homing(&config).args([
+        "init",
+        "--store",
+        &format!("{server_ip}:7473"),
+        "--server-name",
+        &server_ip,
+        "--ca",
+        &format!("{p}-ca.crt"),
+        "--cert",
+        &format!("{p}.crt"),
+        "--key",
+        &format!("{p}.key"),
+        "--no-passphrase",
+    ]));
     assert!(
         init.status.success(),
         "{}",

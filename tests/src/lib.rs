@@ -55,3 +55,21 @@ fn build() -> PathBuf {
     );
     dir
 }
+
+/// Runs `homing-store` with the arguments; requires success and returns stdout.
+///
+/// # Panics
+/// If it cannot start or fails (with its stderr).
+pub fn homing_store(args: &[&str]) -> String {
+    let out = Command::new(binary("homing-store"))
+        .args(args)
+        .env_remove("HOMING_STORE")
+        .output()
+        .expect("homing-store runs");
+    assert!(
+        out.status.success(),
+        "homing-store {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

@@ -135,6 +135,40 @@ impl Rig {
         self.homing(&args)
     }
 
+    /// Starts `homing daemon` (hourly schedule) on this client.
+    fn daemon(&self) -> Child {
+        Command::new(binary("homing"))
+            .arg("--config")
+            .arg(&self.config)
+            .args(["daemon", "--interval-minutes", "60"])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("the daemon starts")
+    }
+
+    /// `homing status --json` (null while no daemon answers).
+    fn daemon_status(&self) -> serde_json::Value {
+        let out = self.homing(&["status", "--json"]);
+        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// Waits until the daemon has finished `runs` runs and is idle; its status.
+    fn after_runs(&self, runs: u64) -> serde_json::Value {
+        for _ in 0..200 {
+            let now = self.daemon_status();
+            if now["runs"].as_u64().is_some_and(|r| r >= runs) && now["running"] == false {
+                return now;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!(
+            "the daemon did not finish run {runs}: {}",
+            self.daemon_status()
+        );
+    }
+
     fn restore(&self, snapshot: &str, target: &Path) -> Output {
         self.homing(&[
             "restore",
@@ -1228,29 +1262,9 @@ fn the_daemon_backs_up_on_start_on_request_and_not_while_paused() {
     let src = rig.dir("src");
     fs::write(src.join("a.txt"), "first\n").unwrap();
     rig.add_set("home", &src, "normal");
-    let mut daemon = Command::new(binary("homing"))
-        .arg("--config")
-        .arg(&rig.config)
-        .args(["daemon", "--interval-minutes", "60"])
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("the daemon starts");
-    let status = || -> serde_json::Value {
-        let out = rig.homing(&["status", "--json"]);
-        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
-    };
-    let wait_for_runs = |runs: u64| -> serde_json::Value {
-        for _ in 0..200 {
-            let now = status();
-            if now["runs"].as_u64().is_some_and(|r| r >= runs) && now["running"] == false {
-                return now;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        panic!("the daemon did not finish run {runs}: {}", status());
-    };
+    let mut daemon = rig.daemon();
+    let status = || rig.daemon_status();
+    let wait_for_runs = |runs: u64| rig.after_runs(runs);
     // It runs once at start.
     let first = wait_for_runs(1);
     assert_eq!(first["paused"], false);
@@ -1626,28 +1640,8 @@ fn the_daemon_runs_on_the_last_good_policies_while_a_file_is_broken() {
         "[match]\ninterface = \"lo\"\n",
     )
     .unwrap();
-    let mut daemon = Command::new(binary("homing"))
-        .arg("--config")
-        .arg(&rig.config)
-        .args(["daemon", "--interval-minutes", "60"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("the daemon starts");
-    let status = || -> serde_json::Value {
-        let out = rig.homing(&["status", "--json"]);
-        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
-    };
-    let wait_for_runs = |runs: u64| -> serde_json::Value {
-        for _ in 0..200 {
-            let now = status();
-            if now["runs"].as_u64().is_some_and(|r| r >= runs) && now["running"] == false {
-                return now;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        panic!("the daemon did not finish run {runs}: {}", status());
-    };
+    let mut daemon = rig.daemon();
+    let wait_for_runs = |runs: u64| rig.after_runs(runs);
     let first = wait_for_runs(1);
     assert!(
         first["network"]

@@ -14,7 +14,7 @@ mod unimplemented;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
-use homing_e2e::binary;
+use homing_e2e::{binary, homing_store};
 
 /// Runs `homing` with `--config DIR` and the arguments, with no terminal on stdin.
 fn homing(config: &Path, args: &[&str]) -> Output {
@@ -65,21 +65,6 @@ fn ok(output: Output) -> String {
         stderr(&output)
     );
     stdout(&output)
-}
-
-/// Runs `homing-store` with the arguments; requires success and returns stdout.
-fn homing_store(args: &[&str]) -> String {
-    let out = std::process::Command::new(binary("homing-store"))
-        .args(args)
-        .env_remove("HOMING_STORE")
-        .output()
-        .expect("homing-store runs");
-    assert!(
-        out.status.success(),
-        "homing-store {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Starts `homing-store serve` on a free loopback port with the log level given,

@@ -9,7 +9,6 @@
 use std::path::Path;
 use std::process::Stdio;
 
-use homing_e2e::binary;
 use homing_e2e::lab::{Lab, rig, run};
 
 use super::stderr;
@@ -29,14 +28,7 @@ fn noise(len: usize, seed: u64) -> Vec<u8> {
 
 /// What the ledger says the lab network spent (from `homing policy explain`).
 fn ledger_spent(lab: &Lab, config: &Path) -> u64 {
-    let explain = run({
-        let mut command = lab.exec("CLIENT_NS", &binary("homing"));
-        command
-            .arg("--config")
-            .arg(config)
-            .args(["policy", "explain", "--json"]);
-        command
-    });
+    let explain = run(lab.homing(config).args(["policy", "explain", "--json"]));
     let explained: serde_json::Value = serde_json::from_slice(&explain.stdout)
         .unwrap_or_else(|e| panic!("{e}: {}", stderr(&explain)));
     explained["spent"].as_u64().expect("a budget")
@@ -53,17 +45,14 @@ fn a_capped_link_stops_at_the_cap_by_the_kernels_own_count() {
         "[match]\ninterface = \"nlc0\"\n\n[budget]\nbytes = \"1 MB\"\nperiod = \"day\"\n",
     );
     let (home, config) = (&rig.home, &rig.config);
-    let c = config.to_str().unwrap();
     let src = home.path().join("src");
     std::fs::create_dir(&src).unwrap();
     let data = noise(3_000_000, 0);
     std::fs::write(src.join("three-megabytes.bin"), data).unwrap();
     let (tx0, rx0) = lab.client_counters();
-    let backup = run({
-        let mut command = lab.exec("CLIENT_NS", &binary("homing"));
-        command.args(["--config", c, "backup", "--json", src.to_str().unwrap()]);
-        command
-    });
+    let backup = run(lab
+        .homing(config)
+        .args(["backup", "--json", src.to_str().unwrap()]));
     assert_eq!(backup.status.code(), Some(3), "{}", stderr(&backup));
     assert!(
         stderr(&backup).contains("data budget of this network is spent"),
@@ -112,9 +101,7 @@ fn a_link_change_is_seen_within_a_second() {
     )
     .unwrap();
     let mut watcher = lab
-        .exec("CLIENT_NS", &binary("homing"))
-        .arg("--config")
-        .arg(&config)
+        .homing(&config)
         .args(["policy", "watch"])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -180,9 +167,7 @@ fn backups_killed_mid_upload_never_leave_the_ledger_below_the_kernels_count() {
         )
         .unwrap();
         let mut victim = lab
-            .exec("CLIENT_NS", &binary("homing"))
-            .arg("--config")
-            .arg(&rig.config)
+            .homing(&rig.config)
             .args(["backup", "--json"])
             .arg(&src)
             .stdout(Stdio::null())
@@ -244,9 +229,7 @@ fn the_daemon_stops_an_upload_when_the_link_changes_under_it() {
     ));
     std::fs::write(rig.config.join("config.toml"), config).expect("config");
     let mut daemon = lab
-        .exec("CLIENT_NS", &binary("homing"))
-        .arg("--config")
-        .arg(&rig.config)
+        .homing(&rig.config)
         .args(["daemon"])
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
@@ -294,14 +277,7 @@ fn the_daemon_stops_an_upload_when_the_link_changes_under_it() {
 /// `homing status --json` of the daemon in the lab (null while it does not
 /// answer yet).
 fn daemon_status(lab: &Lab, config: &Path) -> serde_json::Value {
-    let out = run({
-        let mut command = lab.exec("CLIENT_NS", &binary("homing"));
-        command
-            .arg("--config")
-            .arg(config)
-            .args(["status", "--json"]);
-        command
-    });
+    let out = run(lab.homing(config).args(["status", "--json"]));
     if !out.status.success() && stderr(&out).contains("no homing daemon answers") {
         return serde_json::Value::Null;
     }
@@ -377,9 +353,7 @@ fn the_daemon_stops_at_the_cap_and_the_rest_goes_when_the_period_rolls_over() {
     let log = rig.home.path().join("daemon.log");
     let (mut tx, mut rx) = lab.client_counters();
     let mut daemon = lab
-        .exec("CLIENT_NS", &binary("homing"))
-        .arg("--config")
-        .arg(&rig.config)
+        .homing(&rig.config)
         .args(["daemon"])
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
@@ -408,11 +382,7 @@ fn the_daemon_stops_at_the_cap_and_the_rest_goes_when_the_period_rolls_over() {
         assert!(why.contains("budget"), "{status}");
         assert!(days.len() < 6, "the queue does not drain: {days:?}");
         a_day_passes(&rig.config);
-        let now = run({
-            let mut command = lab.exec("CLIENT_NS", &binary("homing"));
-            command.arg("--config").arg(&rig.config).arg("backup-now");
-            command
-        });
+        let now = run(lab.homing(&rig.config).arg("backup-now"));
         assert!(now.status.success(), "{}", stderr(&now));
     };
     let _ = daemon.kill();
@@ -429,15 +399,10 @@ fn the_daemon_stops_at_the_cap_and_the_rest_goes_when_the_period_rolls_over() {
         "{done}"
     );
     let target = rig.home.path().join("restored");
-    let restore = run({
-        let mut command = lab.exec("CLIENT_NS", &binary("homing"));
-        command
-            .arg("--config")
-            .arg(&rig.config)
-            .args(["restore", "latest", "--target"])
-            .arg(&target);
-        command
-    });
+    let restore = run(lab
+        .homing(&rig.config)
+        .args(["restore", "latest", "--target"])
+        .arg(&target));
     assert!(restore.status.success(), "{}", stderr(&restore));
     let back = std::fs::read(
         target
@@ -464,15 +429,10 @@ fn a_wifi_network_manager_calls_metered_gets_the_policy_written_for_it() {
     )
     .expect("a policy");
     let explain = || -> serde_json::Value {
-        let out = run({
-            let mut command = lab.exec("CLIENT_NS", &binary("homing"));
-            command
-                .arg("--config")
-                .arg(&rig.config)
-                .args(["policy", "explain", "--json"])
-                .env("DBUS_SYSTEM_BUS_ADDRESS", bus.address());
-            command
-        });
+        let out = run(lab
+            .homing(&rig.config)
+            .args(["policy", "explain", "--json"])
+            .env("DBUS_SYSTEM_BUS_ADDRESS", bus.address()));
         assert!(out.status.success(), "{}", stderr(&out));
         serde_json::from_slice(&out.stdout).expect("JSON")
     };

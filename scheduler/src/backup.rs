@@ -193,20 +193,15 @@ impl Summary {
     }
 }
 
-/// The store lacked objects this client believed it held (collected as garbage,
-/// or lost and repaired): the caches that said so were dropped, and a new run
-/// seals and sends what is needed.
+/// An object this client believed safe is not: the store lacked it (collected
+/// as garbage, or lost and repaired) or its spooled copy was damaged. The caches
+/// that said so were dropped, and a new run reads the files that need it and
+/// seals and sends it again.
 #[derive(Debug, thiserror::Error)]
-#[error(
-    "the store lacks {missing} or more objects this snapshot needs (first: {}); the local \
-     caches were reset, so the next run sends them again",
-    first.map(|id| id.to_string()).unwrap_or_default()
-)]
+#[error("{cause}; the local caches were reset, so the next run seals and sends it again")]
 pub struct CachesReset {
-    /// How many the store named.
-    pub missing: usize,
-    /// The first of them.
-    pub first: Option<ObjectId>,
+    /// What was found, naming the object.
+    pub cause: String,
 }
 
 /// The network's budget ran out during the upload: what was sealed waits in the
@@ -253,13 +248,12 @@ impl std::fmt::Debug for Run<'_> {
 }
 
 /// The order spooled objects go in: the most urgent class first; within a
-/// class the smaller change set first (a change set is a spool file: each run
-/// writes its own, and a large one is cut into files of at most
-/// `spool::FILE_BYTES`, so its files count as that many sets), then the older
-/// (the order of sealing, which also reads the spool files front to back). A
-/// budget that runs short is spent on what matters most, a small change does
-/// not wait behind a large import of the same class, and of equals the one
-/// sealed first is the first to be whole at the store.
+/// class the spool file with the fewest bytes still waiting first (a file
+/// holds what one process sealed, up to `spool::FILE_BYTES`, and what
+/// compaction moved into it: roughly one change set), then the order of
+/// sealing (which also reads the files front to back). A budget that runs
+/// short is spent on what matters most, a small change does not wait behind a
+/// large import of the same class, and of equals the older goes first.
 fn upload_order(
     mut waiting: Vec<(ObjectId, Option<u8>, Option<spool_files::Location>)>,
     file_bytes: &std::collections::HashMap<u64, u64>,
@@ -410,8 +404,11 @@ pub fn backup(run: Run<'_>, set: &BackupSet) -> anyhow::Result<Summary> {
                 // it believed, so that the next run seals and sends them again.
                 forget_known(scan.run.db, &set.name)?;
                 return Err(anyhow::Error::new(CachesReset {
-                    missing: ids.len(),
-                    first: ids.first().copied(),
+                    cause: format!(
+                        "the store lacks {} or more objects this snapshot needs (first: {})",
+                        ids.len(),
+                        ids.first().map(ToString::to_string).unwrap_or_default()
+                    ),
                 }));
             }
             return Err(error);
@@ -653,6 +650,9 @@ struct Scan<'a> {
     txn_bytes: u64,
     txn_started: Instant,
     spool_bytes: u64,
+    /// What the last upload left in the spool (classes the link does not carry,
+    /// refusals).
+    left_by_upload: u64,
     root_device: Option<u64>,
     summary: Summary,
     progress: ProgressBar,
@@ -703,6 +703,7 @@ impl<'a> Scan<'a> {
             txn_bytes: 0,
             txn_started: Instant::now(),
             spool_bytes,
+            left_by_upload: 0,
             root_device: None,
             summary: Summary {
                 set: set.name.clone(),
@@ -734,12 +735,16 @@ impl<'a> Scan<'a> {
         if self.txn_bytes >= TXN_BYTES || self.txn_started.elapsed() >= TXN_TIME {
             self.commit_txn()?;
         }
-        let batch = if self.run.remote.is_some() {
-            self.run.spool_limit.min(UPLOAD_BATCH)
+        // With a store: every batch of newly sealed bytes (what an upload left,
+        // the classes this link does not carry, does not count again). Without:
+        // a full spool stops the run.
+        let due = if self.run.remote.is_some() {
+            self.spool_bytes.saturating_sub(self.left_by_upload)
+                >= self.run.spool_limit.min(UPLOAD_BATCH)
         } else {
-            self.run.spool_limit
+            self.spool_bytes >= self.run.spool_limit
         };
-        if self.spool_bytes >= batch {
+        if due {
             self.upload_spool().context(
                 "the spool could not be uploaded; everything sealed so far is kept in \
                  the spool for the next run",
@@ -1194,6 +1199,12 @@ impl<'a> Scan<'a> {
     /// Uploads everything in the spool; what the store confirms leaves it. Without
     /// a store to upload to, a full spool stops the run (what is sealed stays).
     fn upload_spool(&mut self) -> anyhow::Result<()> {
+        let result = self.upload_spool_once();
+        self.left_by_upload = self.spool_bytes;
+        result
+    }
+
+    fn upload_spool_once(&mut self) -> anyhow::Result<()> {
         self.commit_txn()?;
         let Some(remote) = self.run.remote.as_deref_mut() else {
             if self.spool_bytes >= self.run.spool_limit {
@@ -1292,17 +1303,21 @@ impl<'a> Scan<'a> {
                     .get_ref()
                     .and_then(|e| e.downcast_ref::<Damaged>())
                     .expect("checked");
+                // A file that is gone takes all its objects with it.
                 let txn = self.run.db.begin_write()?;
-                let (freed, emptied) = self.run.spool.release(&txn, &[damaged.id])?;
+                let lost = if damaged.gone {
+                    spool_files::objects_in(&txn, &[damaged.spool_file])?
+                } else {
+                    vec![damaged.id]
+                };
+                let (freed, emptied) = self.run.spool.release(&txn, &lost)?;
                 state::forget_all_indexes(&txn)?;
                 txn.commit()?;
                 self.run.spool.delete_emptied(&emptied)?;
                 self.spool_bytes = self.spool_bytes.saturating_sub(freed);
                 Err(anyhow::Error::new(CachesReset {
-                    missing: 1,
-                    first: Some(damaged.id),
-                })
-                .context(damaged.to_string()))
+                    cause: format!("{damaged}; it was dropped from the spool"),
+                }))
             }
             Err(ClientError::Io(error)) if BudgetExhausted::is(&error) => {
                 Err(anyhow::Error::new(BudgetSpent {

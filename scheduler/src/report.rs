@@ -139,10 +139,11 @@ pub fn build(paths: &Paths, days: u32, now: Timestamp) -> anyhow::Result<Report>
     let mut networks = Vec::new();
     for (name, policy) in names {
         let ledger = crate::ledger::load(&db, &name)?;
-        // A network without a policy now carries nothing of the queue.
-        let queued = policy
-            .as_ref()
-            .map_or(0, |p| queued_by_class.carried_by(&p.link.classes));
+        // A network without a policy file now carries what a run without
+        // policies would: everything.
+        let queued = policy.as_ref().map_or(queued_bytes, |p| {
+            queued_by_class.carried_by(&p.link.classes)
+        });
         networks.push(network_report(
             &name,
             policy.as_ref(),

@@ -82,15 +82,16 @@ impl Location {
 
 /// A spooled object whose bytes are not what was spooled (or are gone).
 #[derive(Debug, thiserror::Error)]
-#[error(
-    "spooled object {id} is damaged ({why}) in spool file {file}; it was dropped from \
-     the spool and the files that need it are read again"
-)]
+#[error("spooled object {id} is damaged in spool file {file}: {why}")]
 pub struct Damaged {
     /// The object.
     pub id: ObjectId,
-    /// The file it was in.
+    /// The path of the file it was in.
     pub file: String,
+    /// That file's number.
+    pub spool_file: u64,
+    /// The whole file is gone (every object in it is lost).
+    pub gone: bool,
     /// What is wrong.
     pub why: String,
 }
@@ -163,19 +164,34 @@ impl Spool {
             next,
             readers: HashMap::new(),
         };
-        // Rows of files that are gone (emptied, then deleted) are dropped.
-        if files
+        // Rows of emptied files are dropped. A file that still held objects and
+        // is gone (deleted by hand, a disk that lost it) takes its objects with
+        // it: they leave the spool at once, and every index is forgotten so
+        // that the files that need them are read and sealed again.
+        let missing: Vec<u64> = files
             .iter()
-            .any(|(n, live)| *live == 0 || !sizes.contains_key(n))
-        {
+            .filter(|&(n, &live)| live > 0 && !sizes.contains_key(n))
+            .map(|(n, _)| *n)
+            .collect();
+        if files.values().any(|&live| live == 0) || !missing.is_empty() {
             let txn = db.begin_write()?;
+            let lost = objects_in(&txn, &missing)?;
+            spool.release(&txn, &lost)?;
             {
                 let mut table = txn.open_table(SPOOL_FILES)?;
                 for (number, live) in &files {
-                    if *live == 0 || !sizes.contains_key(number) {
+                    if *live == 0 || missing.contains(number) {
                         table.remove(number)?;
                     }
                 }
+            }
+            if !lost.is_empty() {
+                tracing::warn!(
+                    objects = lost.len(),
+                    files = ?missing.iter().map(|n| spool.path(*n)).collect::<Vec<_>>(),
+                    "spool files are missing: their objects are sealed again from the files"
+                );
+                state::forget_all_indexes(&txn)?;
             }
             txn.commit()?;
         }
@@ -195,9 +211,9 @@ impl Spool {
         self.dir.join(format!("{number:016x}"))
     }
 
-    /// Appends an object's bytes and records where they are, in `txn` (with its
-    /// priority `class`); adds its length to the spool's byte count. The caller
-    /// checks that the object is not spooled yet.
+    /// Appends an object's bytes and records where they are, in `txn`, with
+    /// its priority `class`. The caller checks that the object is not spooled
+    /// yet.
     ///
     /// # Errors
     /// File and database errors.
@@ -208,6 +224,27 @@ impl Spool {
         bytes: &[u8],
         class: u8,
     ) -> anyhow::Result<()> {
+        self.place(txn, id, bytes)?;
+        txn.open_table(state::SPOOL_CLASS)?
+            .insert(id.as_bytes(), class)?;
+        Ok(())
+    }
+
+    /// Writes `bytes` at the end of the current file and points `id` at them
+    /// in `txn` (its class, if any, is left as it is).
+    fn place(&mut self, txn: &WriteTransaction, id: &ObjectId, bytes: &[u8]) -> anyhow::Result<()> {
+        let location = self.write(bytes)?;
+        txn.open_table(SPOOL_AT)?
+            .insert(id.as_bytes(), location.encode().as_slice())?;
+        let mut files = txn.open_table(SPOOL_FILES)?;
+        let live = files.get(location.file)?.map_or(0, |v| v.value());
+        files.insert(location.file, live + u64::from(location.len))?;
+        Ok(())
+    }
+
+    /// Writes `bytes` at the end of the current file (a new one when it is
+    /// full) and says where.
+    fn write(&mut self, bytes: &[u8]) -> anyhow::Result<Location> {
         let len = u32::try_from(bytes.len()).context("an object larger than 4 GiB")?;
         if self
             .writer
@@ -228,6 +265,10 @@ impl Spool {
                 .append(true)
                 .open(&path)
                 .with_context(|| format!("cannot create the spool file {}", path.display()))?;
+            // The file's name is durable before any transaction names it.
+            File::open(&self.dir)
+                .and_then(|dir| dir.sync_all())
+                .with_context(|| format!("cannot sync the directory {}", self.dir.display()))?;
             self.writer = Some(Writer {
                 number,
                 file,
@@ -235,6 +276,7 @@ impl Spool {
                 synced: true,
             });
         }
+        let path = self.path(self.writer.as_ref().expect("just opened").number);
         let writer = self.writer.as_mut().expect("just opened");
         let location = Location {
             file: writer.number,
@@ -242,24 +284,13 @@ impl Spool {
             len,
             crc: crc32fast::hash(bytes),
         };
-        writer.file.write_all(bytes).with_context(|| {
-            format!(
-                "cannot write to the spool file {}",
-                self.dir.join(format!("{:016x}", location.file)).display()
-            )
-        })?;
+        writer
+            .file
+            .write_all(bytes)
+            .with_context(|| format!("cannot write to the spool file {}", path.display()))?;
         writer.len += u64::from(len);
         writer.synced = false;
-        txn.open_table(SPOOL_AT)?
-            .insert(id.as_bytes(), location.encode().as_slice())?;
-        txn.open_table(state::SPOOL_CLASS)?
-            .insert(id.as_bytes(), class)?;
-        let mut files = txn.open_table(SPOOL_FILES)?;
-        let live = files.get(location.file)?.map_or(0, |v| v.value());
-        files.insert(location.file, live + u64::from(len))?;
-        drop(files);
-        state::add_spool_bytes(txn, i64::from(len))?;
-        Ok(())
+        Ok(location)
     }
 
     /// Makes what was appended durable; call before committing a transaction
@@ -287,10 +318,12 @@ impl Spool {
     /// [`Damaged`] (as an IO error) when the bytes are short or do not match.
     pub fn read(&mut self, id: &ObjectId, location: &Location) -> std::io::Result<Vec<u8>> {
         let path = self.path(location.file);
-        let damaged = |why: String| {
+        let damaged = |gone: bool, why: String| {
             std::io::Error::other(Damaged {
                 id: *id,
                 file: path.display().to_string(),
+                spool_file: location.file,
+                gone,
                 why,
             })
         };
@@ -298,10 +331,22 @@ impl Spool {
         if !self.readers.contains_key(&location.file) && self.readers.len() >= 8 {
             self.readers.clear();
         }
+        // A file that is gone is damage; any other failure (permissions, too
+        // many open files, an IO error) is an error of its own, which drops
+        // nothing.
+        let failed = |what: &str, e: std::io::Error| {
+            std::io::Error::new(e.kind(), format!("cannot {what} {}: {e}", path.display()))
+        };
         let file = match self.readers.entry(location.file) {
             std::collections::hash_map::Entry::Occupied(file) => file.into_mut(),
             std::collections::hash_map::Entry::Vacant(slot) => {
-                let file = File::open(&path).map_err(|e| damaged(format!("cannot open: {e}")))?;
+                let file = File::open(&path).map_err(|e| {
+                    if e.kind() == std::io::ErrorKind::NotFound {
+                        damaged(true, "the file is gone".into())
+                    } else {
+                        failed("open", e)
+                    }
+                })?;
                 slot.insert(file)
             }
         };
@@ -309,16 +354,19 @@ impl Spool {
         let mut bytes = Vec::with_capacity(location.len as usize);
         file.seek(SeekFrom::Start(location.offset))
             .and_then(|_| Read::take(&mut *file, u64::from(location.len)).read_to_end(&mut bytes))
-            .map_err(|e| damaged(format!("cannot read: {e}")))?;
+            .map_err(|e| failed("read", e))?;
         if bytes.len() != location.len as usize {
-            return Err(damaged(format!(
-                "cannot read: {} of {} bytes are there",
-                bytes.len(),
-                location.len
-            )));
+            return Err(damaged(
+                false,
+                format!(
+                    "cannot read: {} of {} bytes are there",
+                    bytes.len(),
+                    location.len
+                ),
+            ));
         }
         if crc32fast::hash(&bytes) != location.crc {
-            return Err(damaged("its checksum does not match".into()));
+            return Err(damaged(false, "its checksum does not match".into()));
         }
         Ok(bytes)
     }
@@ -362,8 +410,6 @@ impl Spool {
                 files.insert(location.file, left)?;
             }
         }
-        drop((at, classes, files));
-        state::add_spool_bytes(txn, -(freed as i64))?;
         Ok((freed, emptied))
     }
 
@@ -390,21 +436,12 @@ impl Spool {
         }
         let txn = db.begin_write()?;
         {
+            // Each object keeps its class (or its lack of one) in `spool-class`.
             let old = txn.open_table(OLD_SPOOL)?;
-            let mut moved = 0_i64;
             for item in old.iter()? {
                 let (id, bytes) = item?;
-                let id = ObjectId::from_bytes(*id.value());
-                let class = txn
-                    .open_table(state::SPOOL_CLASS)?
-                    .get(id.as_bytes())?
-                    .map_or(1, |v| v.value());
-                let bytes = bytes.value();
-                moved += bytes.len() as i64;
-                self.append(&txn, &id, bytes, class)?;
+                self.place(&txn, &ObjectId::from_bytes(*id.value()), bytes.value())?;
             }
-            // The old table counted its bytes already.
-            state::add_spool_bytes(&txn, -moved)?;
         }
         txn.delete_table(OLD_SPOOL)?;
         self.sync()?;
@@ -415,10 +452,10 @@ impl Spool {
     /// Copies the objects still waiting in `sparse` files into the current file
     /// and deletes those files.
     fn compact(&mut self, db: &Database, sparse: &[u64]) -> anyhow::Result<()> {
-        let moving: Vec<(ObjectId, Location)> = {
-            let txn = db.begin_read()?;
+        let txn = db.begin_write()?;
+        let mut moving = Vec::new();
+        {
             let at = txn.open_table(SPOOL_AT)?;
-            let mut moving = Vec::new();
             for item in at.iter()? {
                 let (id, value) = item?;
                 if let Some(location) = Location::decode(value.value())
@@ -427,29 +464,22 @@ impl Spool {
                     moving.push((ObjectId::from_bytes(*id.value()), location));
                 }
             }
-            moving
-        };
-        let txn = db.begin_write()?;
+        }
         let mut lost = Vec::new();
         for (id, location) in &moving {
             match self.read(id, location) {
-                Ok(bytes) => {
-                    let class = txn
-                        .open_table(state::SPOOL_CLASS)?
-                        .get(id.as_bytes())?
-                        .map_or(1, |v| v.value());
-                    self.release(&txn, std::slice::from_ref(id))?;
-                    self.append(&txn, id, &bytes, class)?;
-                }
+                // The object moves; its class stays as it is.
+                Ok(bytes) => self.place(&txn, id, &bytes)?,
                 // A damaged object is dropped here as an upload would drop it;
                 // the next backup finds it missing and reads its files again.
-                Err(error) => {
+                Err(error) if error.get_ref().is_some_and(|e| e.is::<Damaged>()) => {
                     tracing::warn!("{error}");
-                    self.release(&txn, std::slice::from_ref(id))?;
                     lost.push(*id);
                 }
+                Err(error) => return Err(error.into()),
             }
         }
+        self.release(&txn, &lost)?;
         {
             let mut files = txn.open_table(SPOOL_FILES)?;
             for number in sparse {
@@ -471,6 +501,24 @@ impl Spool {
         );
         Ok(())
     }
+}
+
+/// The ids whose bytes are in any of `numbers`' files, in `txn`.
+///
+/// # Errors
+/// Database errors.
+pub fn objects_in(txn: &WriteTransaction, numbers: &[u64]) -> anyhow::Result<Vec<ObjectId>> {
+    let mut ids = Vec::new();
+    if numbers.is_empty() {
+        return Ok(ids);
+    }
+    for item in txn.open_table(SPOOL_AT)?.iter()? {
+        let (id, value) = item?;
+        if Location::decode(value.value()).is_some_and(|l| numbers.contains(&l.file)) {
+            ids.push(ObjectId::from_bytes(*id.value()));
+        }
+    }
+    Ok(ids)
 }
 
 fn remove(path: &Path) -> anyhow::Result<()> {
@@ -645,6 +693,50 @@ mod tests {
             assert_eq!(read_back(&db, &mut spool, n).unwrap(), bytes(n, 10_000));
         }
         assert_eq!(state::spool_size(&db).unwrap(), (20_000, 2));
+        // Moved objects keep their class.
+        let txn = db.begin_read().unwrap();
+        let class = txn.open_table(state::SPOOL_CLASS).unwrap();
+        assert_eq!(class.get(id(9).as_bytes()).unwrap().unwrap().value(), 1);
+    }
+
+    #[test]
+    fn a_spool_file_that_is_gone_takes_its_objects_and_the_indexes_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = state::open(dir.path()).unwrap();
+        let mut spool = Spool::open(&db, dir.path()).unwrap();
+        spooled(&db, &mut spool, &[(1, 3000), (2, 4000)]);
+        drop(spool);
+        let txn = db.begin_write().unwrap();
+        txn.open_table(state::index_table(&state::index_name("home")))
+            .unwrap()
+            .insert(b"a".as_slice(), b"entry".as_slice())
+            .unwrap();
+        txn.commit().unwrap();
+        let mut spool = Spool::open(&db, dir.path()).unwrap();
+        spooled(&db, &mut spool, &[(3, 500)]);
+        drop(spool);
+        std::fs::remove_file(dir.path().join("spool/0000000000000001")).unwrap();
+        let mut spool = Spool::open(&db, dir.path()).unwrap();
+        // Only the object of the file that is there is left, counted right.
+        assert_eq!(state::spool_size(&db).unwrap(), (500, 1));
+        assert_eq!(read_back(&db, &mut spool, 3).unwrap(), bytes(3, 500));
+        let txn = db.begin_read().unwrap();
+        assert!(
+            txn.open_table(SPOOL_AT)
+                .unwrap()
+                .get(id(1).as_bytes())
+                .unwrap()
+                .is_none()
+        );
+        assert!(
+            txn.open_table(state::SPOOL_CLASS)
+                .unwrap()
+                .get(id(2).as_bytes())
+                .unwrap()
+                .is_none()
+        );
+        // The files that needed them are read again.
+        assert!(!txn.list_tables().unwrap().any(|t| t.name() == "index/home"));
     }
 
     #[test]
@@ -663,7 +755,6 @@ mod tests {
                 .insert(id(2).as_bytes(), 0)
                 .unwrap();
         }
-        state::add_spool_bytes(&txn, 7000).unwrap();
         txn.commit().unwrap();
         let mut spool = Spool::open(&db, dir.path()).unwrap();
         assert_eq!(read_back(&db, &mut spool, 1).unwrap(), bytes(1, 3000));
@@ -672,6 +763,8 @@ mod tests {
         let txn = db.begin_read().unwrap();
         let class = txn.open_table(state::SPOOL_CLASS).unwrap();
         assert_eq!(class.get(id(2).as_bytes()).unwrap().unwrap().value(), 0);
+        // An object without a class keeps none: it goes with any link.
+        assert!(class.get(id(1).as_bytes()).unwrap().is_none());
         assert!(!txn.list_tables().unwrap().any(|t| t.name() == "spool"));
     }
 

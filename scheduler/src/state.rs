@@ -34,7 +34,7 @@ pub const KNOWN: TableDefinition<&[u8; 32], ()> = TableDefinition::new("known");
 /// the others as last committed), so that retention keeps every set whatever
 /// snapshot it keeps.
 pub const SETS: TableDefinition<&str, &[u8]> = TableDefinition::new("sets");
-/// Small values: `head` (id ‖ sequence, big-endian), `spool-bytes`, and
+/// Small values: `head` (id ‖ sequence, big-endian), and
 /// `refs-head`: the snapshot whose references the sets' current reference tables
 /// add up to (the last one this client committed).
 pub const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
@@ -202,12 +202,12 @@ pub fn set_refs_head(txn: &redb::WriteTransaction, head: Option<&ObjectId>) -> a
 /// Database errors.
 pub fn spool_size(db: &Database) -> anyhow::Result<(u64, u64)> {
     let txn = db.begin_read()?;
-    let spool = txn.open_table(crate::spool::SPOOL_AT)?;
-    let objects = spool.len()?;
-    let bytes = txn
-        .open_table(META)?
-        .get("spool-bytes")?
-        .map_or(0, |v| decode_u64(v.value()));
+    let objects = txn.open_table(crate::spool::SPOOL_AT)?.len()?;
+    // The live bytes of each spool file add up to the spool's (a few rows).
+    let mut bytes = 0;
+    for item in txn.open_table(crate::spool::SPOOL_FILES)?.iter()? {
+        bytes += item?.1.value();
+    }
     Ok((bytes, objects))
 }
 
@@ -221,30 +221,12 @@ pub fn forget_all_indexes(txn: &redb::WriteTransaction) -> anyhow::Result<()> {
     let names: Vec<String> = txn
         .list_tables()?
         .map(|t| t.name().to_string())
-        .filter(|name| name.starts_with("index/"))
+        .filter(|name| name.starts_with(&index_name("")))
         .collect();
     for name in names {
         txn.delete_table(index_table(&name))?;
     }
     Ok(())
-}
-
-/// Adds `delta` (may be negative) to the spool's byte count inside `txn`.
-///
-/// # Errors
-/// Database errors.
-pub fn add_spool_bytes(txn: &redb::WriteTransaction, delta: i64) -> anyhow::Result<()> {
-    let mut meta = txn.open_table(META)?;
-    let now = meta
-        .get("spool-bytes")?
-        .map_or(0, |v| decode_u64(v.value()));
-    let next = now.saturating_add_signed(delta);
-    meta.insert("spool-bytes", next.to_be_bytes().as_slice())?;
-    Ok(())
-}
-
-fn decode_u64(bytes: &[u8]) -> u64 {
-    bytes.try_into().map(u64::from_be_bytes).unwrap_or(0)
 }
 
 /// What the index remembers of a file.
@@ -384,22 +366,18 @@ mod tests {
     }
 
     #[test]
-    fn heads_and_spool_counts_persist() {
+    fn the_newest_head_persists() {
         let dir = tempfile::tempdir().unwrap();
         {
             let db = open(dir.path()).unwrap();
             assert_eq!(known_head(&db).unwrap(), None);
             set_known_head(&db, &ObjectId::from_bytes([9; 32]), 7).unwrap();
-            let txn = db.begin_write().unwrap();
-            add_spool_bytes(&txn, 100).unwrap();
-            add_spool_bytes(&txn, -30).unwrap();
-            txn.commit().unwrap();
         }
         let db = open(dir.path()).unwrap();
         assert_eq!(
             known_head(&db).unwrap(),
             Some((ObjectId::from_bytes([9; 32]), 7))
         );
-        assert_eq!(spool_size(&db).unwrap(), (70, 0));
+        assert_eq!(spool_size(&db).unwrap(), (0, 0));
     }
 }

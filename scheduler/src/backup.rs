@@ -1296,10 +1296,12 @@ impl<'a> Scan<'a> {
                 self.summary.bytes_uploaded += summary.bytes;
                 Ok(())
             }
-            Err(ClientError::Io(error)) if error.get_ref().is_some_and(|e| e.is::<Damaged>()) => {
+            Err(ClientError::Load { source, .. })
+                if source.get_ref().is_some_and(|e| e.is::<Damaged>()) =>
+            {
                 // Sending the damaged bytes would store what nobody can read
                 // back: drop the object, and read the files that need it again.
-                let damaged = error
+                let damaged = source
                     .get_ref()
                     .and_then(|e| e.downcast_ref::<Damaged>())
                     .expect("checked");

@@ -46,7 +46,7 @@ const REPLY_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// How long an upload the meter stopped waits for the answers to what already
 /// left (they say which objects the store holds; the rest is asked again).
-pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What went wrong talking to the store.
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +65,32 @@ pub enum ClientError {
     /// The connection failed (including TLS: refused certificates end up here).
     #[error("connection to the store failed: {0}")]
     Io(#[from] io::Error),
+    /// The caller could not hand over an object to upload (`load` failed):
+    /// nothing is wrong with the connection.
+    #[error("cannot load object {id} for the upload: {source}")]
+    Load {
+        /// The object.
+        id: ObjectId,
+        /// Why.
+        source: io::Error,
+    },
+    /// The caller could not take note of an object the store holds (`stored`
+    /// failed).
+    #[error("cannot record that the store holds object {id}: {source}")]
+    Record {
+        /// The object.
+        id: ObjectId,
+        /// Why.
+        source: io::Error,
+    },
+    /// An object longer than the protocol can carry.
+    #[error("object {id} is {len} bytes, more than an object may be")]
+    TooLarge {
+        /// The object.
+        id: ObjectId,
+        /// Its length.
+        len: usize,
+    },
     /// The store's address does not resolve (no name server, or a name known
     /// only at home).
     #[error("cannot resolve the store's address {address}: {source}")]
@@ -449,16 +475,19 @@ impl Connection {
                 // connection stays usable.
                 let bytes = match load(&next.id) {
                     Ok(bytes) => bytes,
-                    Err(error) => {
-                        first_error = Some(ClientError::Io(error));
+                    Err(source) => {
+                        first_error = Some(ClientError::Load {
+                            id: next.id,
+                            source,
+                        });
                         break;
                     }
                 };
                 let Ok(total) = u32::try_from(bytes.len()) else {
-                    first_error = Some(ClientError::Unexpected(format!(
-                        "object {} is too large",
-                        next.id
-                    )));
+                    first_error = Some(ClientError::TooLarge {
+                        id: next.id,
+                        len: bytes.len(),
+                    });
                     break;
                 };
                 let start = (next.held as usize).min(bytes.len());
@@ -497,14 +526,7 @@ impl Connection {
                 break;
             }
             // Read answers until there is room again (or all are in).
-            let answer = self
-                .receive(|message| match message {
-                    ServerMessage::Stored { id } => Ok((id, None)),
-                    ServerMessage::Refused { id, error } => Ok((id, Some(error))),
-                    other => Err(other),
-                })
-                .await?;
-            let (id, refusal) = answer;
+            let (id, refusal) = self.receive_answer().await?;
             let Some((sent, _)) = in_flight.remove(&id) else {
                 // A second answer for an object whose pieces were all refused is
                 // possible (one per piece); only the first counts.
@@ -514,7 +536,7 @@ impl Connection {
             match refusal {
                 None => {
                     summary.objects += 1;
-                    stored(&id)?;
+                    stored(&id).map_err(|source| ClientError::Record { id, source })?;
                 }
                 Some(WireError::OffsetMismatch { held, .. }) if first_error.is_none() => {
                     // The store holds a different prefix than `Query` said (a
@@ -570,23 +592,30 @@ impl Connection {
             // would be sending), just the end of the stream.
             self.tls.get_mut().0.shutdown().await?;
             while !in_flight.is_empty() {
-                let (id, refusal) = self
-                    .receive(|message| match message {
-                        ServerMessage::Stored { id } => Ok((id, None)),
-                        ServerMessage::Refused { id, error } => Ok((id, Some(error))),
-                        other => Err(other),
-                    })
-                    .await?;
-                in_flight.remove(&id);
-                if refusal.is_none() {
-                    stored(&id)?;
+                let (id, refusal) = self.receive_answer().await?;
+                // Only the first answer for an object in flight counts.
+                if in_flight.remove(&id).is_some() && refusal.is_none() {
+                    stored(&id).map_err(|source| ClientError::Record { id, source })?;
                 }
             }
             Ok::<(), ClientError>(())
         };
-        // Whatever stays unanswered is asked about again by the next run.
-        let _ = tokio::time::timeout(DRAIN_TIMEOUT, drain).await;
-        Err(error)
+        // Whatever stays unanswered is asked about again by the next run; a
+        // failure to record an answer is the caller's and comes first.
+        match tokio::time::timeout(DRAIN_TIMEOUT, drain).await {
+            Ok(Err(record @ ClientError::Record { .. })) => Err(record),
+            _ => Err(error),
+        }
+    }
+
+    /// The next answer to an upload: `Stored`, or `Refused` with why.
+    async fn receive_answer(&mut self) -> Result<(ObjectId, Option<WireError>), ClientError> {
+        self.receive(|message| match message {
+            ServerMessage::Stored { id } => Ok((id, None)),
+            ServerMessage::Refused { id, error } => Ok((id, Some(error))),
+            other => Err(other),
+        })
+        .await
     }
 
     /// Commits a snapshot: its sealed manifest and the ids it references, on top

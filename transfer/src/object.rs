@@ -295,20 +295,6 @@ mod tests {
     }
 
     #[test]
-    fn a_plaintext_judged_incompressible_is_stored_and_round_trips() {
-        let keys = keys();
-        let mut sealer = Sealer::new(&keys, DEFAULT_ZSTD_LEVEL).unwrap();
-        let noise = random(40_000, 5);
-        let object = sealer.seal(ObjectKind::Chunk, &noise).unwrap();
-        assert_eq!(
-            object.bytes.len(),
-            noise.len() + homing_crypto::SEAL_OVERHEAD + 1
-        );
-        let back = open_object(&keys, ObjectKind::Chunk, &object.id, &object.bytes).unwrap();
-        assert_eq!(back, noise);
-    }
-
-    #[test]
     fn ids_do_not_depend_on_compression() {
         let keys = keys();
         let data = b"same content".repeat(100);

@@ -27,6 +27,11 @@ pub const MAX_WRITE: usize = 64 * 1024;
 /// Most buffers one vectored write passes on.
 const MAX_SLICES: usize = 16;
 
+/// The rate limiter's largest burst: one TLS record and its framing, as before
+/// writes grew to [`MAX_WRITE`] (a limited link should not get bursts four
+/// times that, nor lose that many cells to a write the socket takes in part).
+const RATE_BURST: u32 = 16 * 1024 + 22;
+
 /// What decides whether bytes may be sent, and what they cost. The daemon's ledger
 /// implements it per network; [`Unmetered`] lets everything through.
 pub trait Meter: Send + Sync {
@@ -141,7 +146,7 @@ impl Rate {
         Self::default()
     }
 
-    /// At most `bytes_per_second`, in bursts of at most [`MAX_WRITE`] bytes.
+    /// At most `bytes_per_second`, in bursts of at most one TLS record.
     pub fn limited(bytes_per_second: NonZeroU32) -> Self {
         let rate = Self::default();
         rate.set(Some(bytes_per_second));
@@ -151,7 +156,7 @@ impl Rate {
     /// Changes the rate (`None`: unlimited), effective from the next write.
     pub fn set(&self, bytes_per_second: Option<NonZeroU32>) {
         let limiter = bytes_per_second.map(|rate| {
-            let burst = rate.min(NonZeroU32::new(MAX_WRITE as u32).expect("MAX_WRITE > 0"));
+            let burst = rate.min(NonZeroU32::new(RATE_BURST).expect("RATE_BURST > 0"));
             let quota = Quota::per_second(rate).allow_burst(burst);
             Limit {
                 limiter: Arc::new(RateLimiter::direct_with_clock(quota, TokioClock)),

@@ -139,7 +139,8 @@ mod platform {
 
     /// The route the kernel would take to `target`: the most specific one in
     /// `/proc/net/route` or `/proc/net/ipv6_route`, the lowest metric among
-    /// equals.
+    /// equals; none when that is a route that rejects or one that is down is
+    /// all there is.
     pub(super) fn route_to(target: IpAddr) -> Option<Route> {
         match target {
             IpAddr::V4(_) => {
@@ -159,7 +160,9 @@ mod platform {
     /// order), device.
     pub(super) fn parse_route6(table: &str, target: Ipv6Addr) -> Option<Route> {
         let target = u128::from(target);
-        let mut best: Option<(u32, u32, Route)> = None;
+        // A reject route competes like any other: when it wins, the kernel
+        // refuses the target, and there is no link to it.
+        let mut best: Option<(u32, u32, Option<Route>)> = None;
         for line in table.lines() {
             let fields: Vec<&str> = line.split_whitespace().collect();
             if fields.len() < 10 {
@@ -175,7 +178,8 @@ mod platform {
             ) else {
                 continue;
             };
-            if length > 128 || flags & RTF_UP == 0 || flags & RTF_REJECT != 0 {
+            // (The kernel lists reject routes without RTF_UP.)
+            if length > 128 || (flags & RTF_UP == 0 && flags & RTF_REJECT == 0) {
                 continue;
             }
             let mask = u128::MAX.checked_shl(128 - length).unwrap_or(0);
@@ -188,13 +192,13 @@ mod platform {
             {
                 continue;
             }
-            let route = Route {
+            let route = (flags & RTF_REJECT == 0).then(|| Route {
                 interface: fields[9].to_string(),
                 gateway: (next_hop != 0).then(|| IpAddr::V6(Ipv6Addr::from(next_hop))),
-            };
+            });
             best = Some((length, metric, route));
         }
-        best.map(|(_, _, route)| route)
+        best.and_then(|(_, _, route)| route)
     }
 
     /// The best IPv4 route to `target` in the text of `/proc/net/route`.
@@ -213,7 +217,7 @@ mod platform {
                 .ok()
                 .map(|v| u32::from_be_bytes(v.to_ne_bytes()))
         };
-        let mut best: Option<(u32, u32, Route)> = None;
+        let mut best: Option<(u32, u32, Option<Route>)> = None;
         for line in table.lines().skip(1) {
             let fields: Vec<&str> = line.split_whitespace().collect();
             if fields.len() < 8 {
@@ -228,7 +232,7 @@ mod platform {
             ) else {
                 continue;
             };
-            if flags & RTF_UP == 0 || flags & RTF_REJECT != 0 {
+            if flags & RTF_UP == 0 && flags & RTF_REJECT == 0 {
                 continue;
             }
             if u32::from(target) & mask != destination & mask {
@@ -240,13 +244,13 @@ mod platform {
             }) {
                 continue;
             }
-            let route = Route {
+            let route = (flags & RTF_REJECT == 0).then(|| Route {
                 interface: fields[0].to_string(),
                 gateway: (gateway != 0).then(|| IpAddr::V4(Ipv4Addr::from(gateway))),
-            };
+            });
             best = Some((mask, metric, route));
         }
-        best.map(|(_, _, route)| route)
+        best.and_then(|(_, _, route)| route)
     }
 
     /// An interface's kind, from sysfs.
@@ -300,7 +304,8 @@ tun0\t0000000A\t00000000\t0001\t0\t0\t0\t000000FF\t0\t0\t0
 ";
 
         #[test]
-        fn among_equal_routes_the_lowest_metric_wins_and_rejecting_or_down_routes_never() {
+        fn among_equal_routes_the_lowest_metric_wins_a_reject_refuses_and_down_routes_never_count()
+        {
             let table = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask
 wlan0\t00000000\t0101A8C0\t0003\t0\t0\t600\t00000000
 eth0\t00000000\t0100000A\t0003\t0\t0\t100\t00000000
@@ -311,9 +316,9 @@ tun0\t0000000A\t00000000\t0000\t0\t0\t0\t000000FF
             // usb0's route is the lowest metric but was listed after: still wins.
             let away = parse_route(table, "203.0.113.7".parse().unwrap()).unwrap();
             assert_eq!(away.interface, "usb0");
-            // The reject route and the route that is down do not count.
-            let home = parse_route(table, "10.1.2.3".parse().unwrap()).unwrap();
-            assert_eq!(home.interface, "usb0");
+            // The reject /8 wins over the defaults (the route that is down does
+            // not count): the kernel refuses 10.0.0.0/8, there is no link.
+            assert_eq!(parse_route(table, "10.1.2.3".parse().unwrap()), None);
         }
 
         /// From a laptop with a Wi-Fi default route, a VPN to the home /48 and
@@ -336,9 +341,10 @@ fe800000000000000000000000000000 40 00000000000000000000000000000000 00 00000000
             let away = parse_route6(TABLE6, "2001:db8:9::1".parse().unwrap()).unwrap();
             assert_eq!(away.interface, "usb0");
             assert_eq!(away.gateway, Some("fe80::abcd".parse().unwrap()));
-            // A /64 that only an unreachable route covers goes by the default.
-            let blocked = parse_route6(TABLE6, "2001:db8:2::1".parse().unwrap()).unwrap();
-            assert_eq!(blocked.interface, "usb0");
+            // A /64 that an unreachable route covers is refused, whatever the
+            // defaults say; the kernel's own ::/0 unreachable route (metric
+            // 0xffffffff) loses to every real default.
+            assert_eq!(parse_route6(TABLE6, "2001:db8:2::1".parse().unwrap()), None);
             assert_eq!(parse_route6("", "2001:db8::1".parse().unwrap()), None);
             assert_eq!(
                 parse_route6("garbage\n1 2 3\n", "::1".parse().unwrap()),
@@ -413,7 +419,7 @@ mod platform {
 /// The route in the output of BSD `route -n get TARGET` (OpenBSD, macOS,
 /// FreeBSD): its `interface:` and `gateway:` lines. A gateway that is not an
 /// address (`link#5` for a directly connected network) is none.
-#[cfg_attr(target_os = "linux", allow(dead_code))]
+#[cfg(any(not(target_os = "linux"), test))]
 fn parse_bsd_route_get(text: &str) -> Option<Route> {
     let mut interface = None;
     let mut gateway = None;
@@ -438,7 +444,7 @@ fn parse_bsd_route_get(text: &str) -> Option<Route> {
 /// macOS's `? (192.168.1.1) at a4:2b:b0:1:2:3 on en0 ...` (octets without
 /// their leading zero) or OpenBSD's table row `192.168.1.1 00:11:22:33:44:55
 /// em0 ...`; lower-case, two digits an octet. An incomplete entry is none.
-#[cfg_attr(target_os = "linux", allow(dead_code))]
+#[cfg(any(not(target_os = "linux"), test))]
 fn parse_bsd_arp(text: &str, address: IpAddr) -> Option<String> {
     let wanted = address.to_string();
     let bracketed = format!("({wanted})");

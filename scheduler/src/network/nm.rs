@@ -94,7 +94,8 @@ pub fn look_on(connection: &Connection, interface: &str) -> Option<View> {
     let device: OwnedObjectPath = manager.call("GetDeviceByIpIface", &(interface,)).ok()?;
     let device = device.as_str().to_string();
     let properties = proxy(connection, &device, DEVICE)?;
-    let metered = match properties.get_property::<u32>("Metered").ok()? {
+    // A property that cannot be read is unknown; the others still count.
+    let metered = match properties.get_property::<u32>("Metered").unwrap_or(0) {
         // NM_METERED_YES, NM_METERED_GUESS_YES
         1 | 3 => Some(true),
         // NM_METERED_NO, NM_METERED_GUESS_NO

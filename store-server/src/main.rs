@@ -314,7 +314,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 }
                 if report.unreferenced_bytes > 0 {
                     println!(
-                        "{} bytes in segments belong to no object (interrupted writes, and objects garbage collection deleted from segments that still hold others: compaction is not built yet)",
+                        "{} bytes in segments belong to no object (interrupted writes, and objects garbage collection deleted from segments that compaction has not yet emptied)",
                         report.unreferenced_bytes
                     );
                 }
@@ -391,11 +391,18 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs());
-            let report = open_store(&store.dir)?.collect_garbage(
-                now,
-                grace_hours.saturating_mul(3600),
-                dry_run,
-            )?;
+            let objects = open_store(&store.dir)?;
+            let report = objects.collect_garbage(now, grace_hours.saturating_mul(3600), dry_run)?;
+            // Compaction appends to segments, which only one process may do: a
+            // running server compacts by itself within the hour.
+            let compacted = if dry_run {
+                None
+            } else {
+                match serve_lock(&store.dir)? {
+                    Ok(_lock) => Some(objects.compact()?),
+                    Err(_) => None,
+                }
+            };
             if json {
                 println!(
                     "{}",
@@ -409,6 +416,13 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                         "objects_waiting": report.objects_waiting,
                         "segments_deleted": report.segments_deleted,
                         "segment_bytes_freed": report.segment_bytes_freed,
+                        "compaction": compacted.as_ref().map(|c| serde_json::json!({
+                            "segments_compacted": c.segments_compacted,
+                            "objects_moved": c.objects_moved,
+                            "bytes_moved": c.bytes_moved,
+                            "segment_bytes_freed": c.segment_bytes_freed,
+                            "damaged_left": c.damaged_left,
+                        })),
                     })
                 );
             } else {
@@ -424,16 +438,43 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                     report.segments_deleted,
                     report.segment_bytes_freed,
                 );
+                match compacted {
+                    Some(c) => {
+                        println!(
+                            "compacted {} segment files: moved {} live objects ({} bytes), \
+                             {} bytes on disk given back",
+                            c.segments_compacted,
+                            c.objects_moved,
+                            c.bytes_moved,
+                            c.segment_bytes_freed
+                        );
+                        if c.damaged_left > 0 {
+                            println!(
+                                "{} damaged objects were left in place; run `homing-store \
+                                 check --store {}` to see which",
+                                c.damaged_left,
+                                store.dir.display()
+                            );
+                        }
+                    }
+                    None if !dry_run => println!(
+                        "a server runs on this store: it compacts segment files by itself \
+                         within the hour"
+                    ),
+                    None => {}
+                }
             }
         }
     }
     Ok(ExitCode::SUCCESS)
 }
 
-fn serve(dir: &Path, listen: std::net::SocketAddr, gc_grace: u64) -> anyhow::Result<()> {
-    let store = open_store(dir)?;
-    // One server per store: two would append to the same segment, each believing
-    // it knows where the segment ends. The lock goes when the process does.
+/// Takes `<store>/serve.lock` (created if missing, never removed) without waiting:
+/// whoever holds it is the one process that appends to segments. The inner error
+/// says another process holds it.
+fn serve_lock(
+    dir: &Path,
+) -> anyhow::Result<Result<nix::fcntl::Flock<std::fs::File>, nix::errno::Errno>> {
     let lock_path = dir.join("serve.lock");
     let lock_file = std::fs::OpenOptions::new()
         .create(true)
@@ -441,13 +482,22 @@ fn serve(dir: &Path, listen: std::net::SocketAddr, gc_grace: u64) -> anyhow::Res
         .write(true)
         .open(&lock_path)
         .with_context(|| format!("cannot open {}", lock_path.display()))?;
-    let _lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock)
-        .map_err(|(_, errno)| {
-            anyhow::anyhow!(
-                "another `homing-store serve` runs on {} ({errno}); stop it first",
-                dir.display()
-            )
-        })?;
+    Ok(
+        nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            .map_err(|(_, errno)| errno),
+    )
+}
+
+fn serve(dir: &Path, listen: std::net::SocketAddr, gc_grace: u64) -> anyhow::Result<()> {
+    let store = open_store(dir)?;
+    // One server per store: two would append to the same segment, each believing
+    // it knows where the segment ends. The lock goes when the process does.
+    let _lock = serve_lock(dir)?.map_err(|errno| {
+        anyhow::anyhow!(
+            "another `homing-store serve` runs on {} ({errno}); stop it first",
+            dir.display()
+        )
+    })?;
     let server =
         std::sync::Arc::new(homing_store::server::Server::new(dir, store)?.with_gc_grace(gc_grace));
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;

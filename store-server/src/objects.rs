@@ -193,8 +193,31 @@ pub struct Lost {
     pub snapshots: Vec<u64>,
 }
 
+/// What a compaction of segments did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CompactReport {
+    /// Segments whose live objects were moved out, and which were then deleted.
+    pub segments_compacted: u64,
+    /// Objects moved to the newest segment.
+    pub objects_moved: u64,
+    /// Their bytes (written again).
+    pub bytes_moved: u64,
+    /// Bytes on disk given back: the deleted segments' lengths.
+    pub segment_bytes_freed: u64,
+    /// Objects that failed their checksum and were left where they are, with their
+    /// segment, for `check` to name.
+    pub damaged_left: u64,
+}
+
+/// A segment is compacted when less than this share of it (in 1/100) is live.
+const COMPACT_BELOW_PERCENT: u64 = 50;
+
+/// Objects are moved in groups of about this many bytes, each under the writer
+/// lock for one append and one index transaction: uploads wait at most that long.
+const COMPACT_GROUP: u64 = 8 * 1024 * 1024;
+
 /// Where an object is, and the checksum of its bytes.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Record {
     segment: u64,
     offset: u64,
@@ -206,21 +229,27 @@ struct Record {
 struct Writer {
     segment: u64,
     len: u64,
+    /// [`SEGMENT_TARGET`], but for tests that need many segments.
+    target: u64,
 }
 
 impl Writer {
-    /// Appends `bytes` to the current segment (a new one once it has reached
+    /// Appends `parts` to the current segment (a new one once it has reached
     /// [`SEGMENT_TARGET`]) and returns the segment and offset they start at. On a
     /// failure the torn tail is cut off, so that the segment holds only whole
     /// objects; if even that fails, the tail stays unreferenced dead space.
-    fn append(&mut self, backend: &impl Backend, bytes: &[u8]) -> Result<(u64, u64), StoreError> {
-        if self.len >= SEGMENT_TARGET {
+    fn append(
+        &mut self,
+        backend: &impl Backend,
+        parts: &[&[u8]],
+    ) -> Result<(u64, u64), StoreError> {
+        if self.len >= self.target {
             self.segment += 1;
             self.len = 0;
         }
-        match backend.append(self.segment, bytes) {
+        match backend.append(self.segment, parts) {
             Ok(offset) => {
-                self.len = offset + bytes.len() as u64;
+                self.len = offset + parts.iter().map(|part| part.len() as u64).sum::<u64>();
                 Ok((self.segment, offset))
             }
             Err(error) => {
@@ -274,7 +303,11 @@ impl<B: Backend> ObjectStore<B> {
             dir: dir.to_path_buf(),
             backend,
             db,
-            writer: Mutex::new(Writer { segment, len }),
+            writer: Mutex::new(Writer {
+                segment,
+                len,
+                target: SEGMENT_TARGET,
+            }),
             shards: std::array::from_fn(|_| Mutex::new(())),
         };
         Ok(store)
@@ -283,6 +316,14 @@ impl<B: Backend> ObjectStore<B> {
     /// The backend, for tools and tests.
     pub fn backend(&self) -> &B {
         &self.backend
+    }
+
+    /// Starts a new segment once the current one holds `target` bytes: tests make
+    /// many small segments with it.
+    #[cfg(test)]
+    fn with_segment_target(self, target: u64) -> Self {
+        self.writer.lock().unwrap_or_else(|p| p.into_inner()).target = target;
+        self
     }
 
     /// Creates an account with quotas in bytes (0 for none).
@@ -868,18 +909,9 @@ impl<B: Backend> ObjectStore<B> {
             .filter(|(segment, _)| Some(*segment) != newest && !live_bytes.contains_key(segment))
             .collect();
         if !candidates.is_empty() {
-            let mut used = BTreeSet::new();
-            let txn = self.db.begin_read().map_err(index)?;
-            for item in txn
-                .open_table(OBJECTS)
-                .map_err(index)?
-                .iter()
-                .map_err(index)?
-            {
-                used.insert(decode_record(item.map_err(index)?.1.value()).segment);
-            }
+            let used = self.segment_usage()?;
             for (segment, len) in candidates {
-                if !used.contains(&segment) {
+                if !used.contains_key(&segment) {
                     self.backend.delete(segment)?;
                     report.segments_deleted += 1;
                     report.segment_bytes_freed += len;
@@ -1175,6 +1207,15 @@ impl<B: Backend> ObjectStore<B> {
                 seen.insert(*id, i);
             }
         }
+        // Hashed before the lock is taken, so that other uploads are not held up by it.
+        let checksums: Vec<Option<[u8; 32]>> = objects
+            .iter()
+            .enumerate()
+            .map(|(i, (_, data))| {
+                (results[i].is_none() && first_copy[i].is_none())
+                    .then(|| *blake3::hash(data).as_bytes())
+            })
+            .collect();
         // Everything else is decided under the writer lock, where no other upload
         // of the account can store or finish the same object meanwhile.
         let mut writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
@@ -1217,14 +1258,8 @@ impl<B: Backend> ObjectStore<B> {
             }
         }
         if !accepted.is_empty() {
-            // Sized once: growing it by doubling would copy the batch again and
-            // fault in fresh pages each time.
-            let total: usize = accepted.iter().map(|(i, _)| objects[*i].1.len()).sum();
-            let mut buffer = Vec::with_capacity(total);
-            for (i, _) in &accepted {
-                buffer.extend_from_slice(objects[*i].1);
-            }
-            let (segment, base) = writer.append(&self.backend, &buffer)?;
+            let parts: Vec<&[u8]> = accepted.iter().map(|(i, _)| objects[*i].1).collect();
+            let (segment, base) = writer.append(&self.backend, &parts)?;
             let txn = self.db.begin_write().map_err(index)?;
             {
                 let mut table = txn.open_table(OBJECTS).map_err(index)?;
@@ -1235,7 +1270,7 @@ impl<B: Backend> ObjectStore<B> {
                         segment,
                         offset,
                         len: u32::try_from(data.len()).expect("bounded by MAX_OBJECT_LEN"),
-                        checksum: *blake3::hash(data).as_bytes(),
+                        checksum: checksums[*i].expect("hashed: neither refused nor a copy"),
                     };
                     table
                         .insert(key.as_slice(), encode_record(&record).as_slice())
@@ -1285,18 +1320,37 @@ impl<B: Backend> ObjectStore<B> {
         len: u32,
     ) -> Result<(u32, Vec<u8>), StoreError> {
         self.account(account)?;
-        let record = self.record(account, id)?;
-        let bytes = self
-            .backend
-            .read(record.segment, record.offset, record.len)?;
-        if *blake3::hash(&bytes).as_bytes() != record.checksum {
-            return Err(StoreError::Corrupt {
-                account: account.to_string(),
-                id: *id,
-                segment: record.segment,
-                offset: record.offset,
-            });
-        }
+        let mut record = self.record(account, id)?;
+        let bytes = loop {
+            let read = self
+                .backend
+                .read(record.segment, record.offset, record.len)
+                .map_err(StoreError::from)
+                .and_then(|bytes| {
+                    if *blake3::hash(&bytes).as_bytes() == record.checksum {
+                        Ok(bytes)
+                    } else {
+                        Err(StoreError::Corrupt {
+                            account: account.to_string(),
+                            id: *id,
+                            segment: record.segment,
+                            offset: record.offset,
+                        })
+                    }
+                });
+            match read {
+                Ok(bytes) => break bytes,
+                Err(error) => {
+                    // A compaction may have moved the object (and deleted its old
+                    // segment) since the record was read: then read it where it is.
+                    let now = self.record(account, id)?;
+                    if now == record {
+                        return Err(error);
+                    }
+                    record = now;
+                }
+            }
+        };
         if offset > record.len {
             return Err(StoreError::LengthMismatch {
                 id: *id,
@@ -1319,6 +1373,8 @@ impl<B: Backend> ObjectStore<B> {
     pub fn check(&self, repair: bool) -> Result<CheckReport, StoreError> {
         let mut report = CheckReport::default();
         let mut referenced: std::collections::BTreeMap<u64, u64> = Default::default();
+        // Where each damaged object was found damaged.
+        let mut damaged_at = Vec::new();
         {
             let txn = self.db.begin_read().map_err(index)?;
             let objects = txn.open_table(OBJECTS).map_err(index)?;
@@ -1329,15 +1385,19 @@ impl<B: Backend> ObjectStore<B> {
                 *referenced.entry(record.segment).or_default() += u64::from(record.len);
                 report.objects += 1;
                 report.bytes += u64::from(record.len);
-                let problem = match self.backend.read(record.segment, record.offset, record.len) {
-                    Err(error) => Some(format!("unreadable: {error}")),
-                    Ok(bytes) if *blake3::hash(&bytes).as_bytes() != record.checksum => {
-                        Some(format!(
-                            "checksum mismatch in segment {:016x} at offset {}",
-                            record.segment, record.offset
-                        ))
+                let mut record = record;
+                let problem = loop {
+                    let Some(problem) = self.problem(&record) else {
+                        break None;
+                    };
+                    // The server's compaction may have moved the object since this
+                    // read began: what counts is where the index has it now.
+                    match self.record(&account, &id) {
+                        Ok(now) if now != record => record = now,
+                        Ok(_) => break Some(problem),
+                        Err(StoreError::ObjectMissing { .. }) => break None,
+                        Err(error) => return Err(error),
                     }
-                    Ok(_) => None,
                 };
                 if let Some(problem) = problem {
                     report.damaged.push(Damage {
@@ -1345,6 +1405,7 @@ impl<B: Backend> ObjectStore<B> {
                         id,
                         problem,
                     });
+                    damaged_at.push(record);
                 }
             }
         }
@@ -1359,8 +1420,17 @@ impl<B: Backend> ObjectStore<B> {
                 let mut objects = txn.open_table(OBJECTS).map_err(index)?;
                 let mut quarantine = txn.open_table(QUARANTINE).map_err(index)?;
                 let mut accounts = txn.open_table(ACCOUNTS).map_err(index)?;
-                for damage in &report.damaged {
+                for (damage, found) in report.damaged.iter().zip(&damaged_at) {
                     let key = key(&damage.account, &damage.id);
+                    // Only the copy found damaged goes: one moved since is checked
+                    // by the next run.
+                    let now = objects
+                        .get(key.as_slice())
+                        .map_err(index)?
+                        .map(|v| decode_record(v.value()));
+                    if now != Some(*found) {
+                        continue;
+                    }
                     let Some(value) = objects.remove(key.as_slice()).map_err(index)? else {
                         continue;
                     };
@@ -1388,6 +1458,167 @@ impl<B: Backend> ObjectStore<B> {
             report.repaired = true;
         }
         Ok(report)
+    }
+
+    /// What is wrong with the bytes at `record`, if anything.
+    fn problem(&self, record: &Record) -> Option<String> {
+        match self.backend.read(record.segment, record.offset, record.len) {
+            Err(error) => Some(format!("unreadable: {error}")),
+            Ok(bytes) if *blake3::hash(&bytes).as_bytes() != record.checksum => Some(format!(
+                "checksum mismatch in segment {:016x} at offset {}",
+                record.segment, record.offset
+            )),
+            Ok(_) => None,
+        }
+    }
+
+    /// Moves the live objects out of segments that are mostly dead space (less than
+    /// half live) into the newest segment, then deletes those segments: the disk
+    /// space that garbage collection freed in the index comes back. Objects are
+    /// read and checked outside any lock, then moved a group at a time under the
+    /// writer lock, each group with one synced append and one index transaction
+    /// that moves only objects whose record did not change meanwhile. An object
+    /// that fails its checksum is not moved, and its segment stays, so that `check`
+    /// names it. A reader that looked an object up before it moved finds it again
+    /// ([`read`](Self::read) and [`check`](Self::check) look again when the old
+    /// place fails).
+    ///
+    /// Only the process that appends to segments may run it: the server (its hourly
+    /// task), or `homing-store gc` while no server runs.
+    ///
+    /// # Errors
+    /// An index or backend failure; what was moved before it stays moved.
+    pub fn compact(&self) -> Result<CompactReport, StoreError> {
+        let mut report = CompactReport::default();
+        let current = self
+            .writer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .segment;
+        let live = self.segment_usage()?;
+        let lengths: HashMap<u64, u64> = self
+            .backend
+            .list()?
+            .into_iter()
+            .filter(|&(segment, len)| {
+                segment < current
+                    && len > 0
+                    && live.get(&segment).copied().unwrap_or(0) * 100 < len * COMPACT_BELOW_PERCENT
+            })
+            .collect();
+        if lengths.is_empty() {
+            return Ok(report);
+        }
+        let mut moving: Vec<(Vec<u8>, Record)> = Vec::new();
+        {
+            let txn = self.db.begin_read().map_err(index)?;
+            for item in txn
+                .open_table(OBJECTS)
+                .map_err(index)?
+                .iter()
+                .map_err(index)?
+            {
+                let (key, value) = item.map_err(index)?;
+                let record = decode_record(value.value());
+                if lengths.contains_key(&record.segment) {
+                    moving.push((key.value().to_vec(), record));
+                }
+            }
+        }
+        moving.sort_by_key(|(_, record)| (record.segment, record.offset));
+        let mut keep = BTreeSet::new();
+        let mut rest = &moving[..];
+        while !rest.is_empty() {
+            let mut take = 0;
+            let mut bytes = 0;
+            while take < rest.len() && (take == 0 || bytes < COMPACT_GROUP) {
+                bytes += u64::from(rest[take].1.len);
+                take += 1;
+            }
+            let (group, after) = rest.split_at(take);
+            rest = after;
+            let mut read = Vec::with_capacity(group.len());
+            for (key, record) in group {
+                match self.backend.read(record.segment, record.offset, record.len) {
+                    Ok(bytes) if *blake3::hash(&bytes).as_bytes() == record.checksum => {
+                        read.push((key, record, bytes));
+                    }
+                    _ => {
+                        report.damaged_left += 1;
+                        keep.insert(record.segment);
+                    }
+                }
+            }
+            if read.is_empty() {
+                continue;
+            }
+            let mut writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+            let txn = self.db.begin_write().map_err(index)?;
+            {
+                let mut table = txn.open_table(OBJECTS).map_err(index)?;
+                // Deleted or moved meanwhile (a collection in another process): left alone.
+                let mut still = Vec::with_capacity(read.len());
+                for entry in read {
+                    let now = table
+                        .get(entry.0.as_slice())
+                        .map_err(index)?
+                        .map(|v| decode_record(v.value()));
+                    if now.as_ref() == Some(entry.1) {
+                        still.push(entry);
+                    }
+                }
+                if still.is_empty() {
+                    continue;
+                }
+                let parts: Vec<&[u8]> =
+                    still.iter().map(|(_, _, bytes)| bytes.as_slice()).collect();
+                let (segment, mut offset) = writer.append(&self.backend, &parts)?;
+                for (key, record, bytes) in &still {
+                    let moved = Record {
+                        segment,
+                        offset,
+                        ..**record
+                    };
+                    table
+                        .insert(key.as_slice(), encode_record(&moved).as_slice())
+                        .map_err(index)?;
+                    offset += bytes.len() as u64;
+                    report.objects_moved += 1;
+                    report.bytes_moved += bytes.len() as u64;
+                }
+            }
+            txn.commit().map_err(index)?;
+        }
+        // A segment goes once the index names no object in it (read afresh, as
+        // garbage collection does), and none of its objects was left damaged.
+        let used = self.segment_usage()?;
+        let mut segments: Vec<(u64, u64)> = lengths.into_iter().collect();
+        segments.sort_unstable();
+        for (segment, len) in segments {
+            if !used.contains_key(&segment) && !keep.contains(&segment) {
+                self.backend.delete(segment)?;
+                report.segments_compacted += 1;
+                report.segment_bytes_freed += len;
+            }
+        }
+        Ok(report)
+    }
+
+    /// The bytes of the objects the index records in each segment (a segment it
+    /// records none in is absent), read afresh.
+    fn segment_usage(&self) -> Result<BTreeMap<u64, u64>, StoreError> {
+        let mut usage = BTreeMap::new();
+        let txn = self.db.begin_read().map_err(index)?;
+        for item in txn
+            .open_table(OBJECTS)
+            .map_err(index)?
+            .iter()
+            .map_err(index)?
+        {
+            let record = decode_record(item.map_err(index)?.1.value());
+            *usage.entry(record.segment).or_default() += u64::from(record.len);
+        }
+        Ok(usage)
     }
 
     fn record(&self, account: &str, id: &ObjectId) -> Result<Record, StoreError> {
@@ -1464,7 +1695,7 @@ impl<B: Backend> ObjectStore<B> {
         }
         let info = self.account(account)?;
         check_quota(account, &info, charged(u64::from(len)))?;
-        let (segment, offset) = writer.append(&self.backend, &bytes)?;
+        let (segment, offset) = writer.append(&self.backend, &[bytes.as_slice()])?;
         let record = Record {
             segment,
             offset,

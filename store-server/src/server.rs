@@ -63,6 +63,8 @@ const MAX_BATCH: usize = 8 * 1024 * 1024;
 const MAX_BATCH_OBJECTS: usize = 4096;
 /// Replies held before they are written, per connection.
 const MAX_PENDING_OUTPUT: usize = 1024 * 1024;
+/// Room made for each read of a connection's input.
+const READ_SIZE: usize = 256 * 1024;
 /// The most ids one commit may reference (32 MiB of ids).
 pub const MAX_COMMIT_IDS: usize = 1 << 20;
 
@@ -233,8 +235,9 @@ impl<B: Backend + 'static> Server<B> {
         result
     }
 
-    /// Applies retention and collects garbage every [`GC_INTERVAL`], and drops
-    /// uploads abandoned for [`PARTIAL_MAX_AGE`], on a blocking thread.
+    /// Applies retention and collects garbage every [`GC_INTERVAL`], drops uploads
+    /// abandoned for [`PARTIAL_MAX_AGE`] and compacts segments that are mostly dead
+    /// space, on a blocking thread.
     async fn collect_garbage(self: Arc<Self>) {
         let mut tick = tokio::time::interval(GC_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -245,17 +248,22 @@ impl<B: Backend + 'static> Server<B> {
                 let now = unix_now();
                 let report = server.store.collect_garbage(now, server.gc_grace, false)?;
                 let expired = server.store.expire_partials(now, PARTIAL_MAX_AGE)?;
-                Ok::<_, StoreError>((report, expired))
+                let compacted = server.store.compact()?;
+                Ok::<_, StoreError>((report, expired, compacted))
             })
             .await;
             match done {
-                Ok(Ok((report, expired))) => tracing::info!(
+                Ok(Ok((report, expired, compacted))) => tracing::info!(
                     forgotten = report.snapshots_forgotten.len(),
                     deleted = report.objects_deleted,
                     bytes = report.bytes_freed,
                     waiting = report.objects_waiting,
                     segments = report.segments_deleted,
                     partials = expired,
+                    compacted = compacted.segments_compacted,
+                    moved = compacted.bytes_moved,
+                    disk_freed = report.segment_bytes_freed + compacted.segment_bytes_freed,
+                    damaged_left = compacted.damaged_left,
                     "garbage collected"
                 ),
                 Ok(Err(error)) => tracing::error!(%error, "garbage collection failed"),
@@ -300,7 +308,7 @@ impl<B: Backend + 'static> Server<B> {
     }
 
     async fn session(
-        &self,
+        self: &Arc<Self>,
         tcp: TcpStream,
         peer: SocketAddr,
         handshake: tokio::sync::OwnedSemaphorePermit,
@@ -336,72 +344,75 @@ impl<B: Backend + 'static> Server<B> {
             greeted: false,
             commit_ids: Vec::new(),
             commit_removed: Vec::new(),
-            batch: Vec::new(),
-            batch_bytes: 0,
+            batch: Batch::default(),
+            spare: None,
         };
         let mut decoder = FrameDecoder::new(MAX_FRAME_PAYLOAD);
-        let mut input = vec![0_u8; 256 * 1024];
         let mut output = Vec::new();
+        // The batch being stored on a blocking thread while this task reads on.
+        let mut storing: Option<Storing> = None;
         loop {
-            let read = if session.batch.is_empty() {
-                tokio::time::timeout(IDLE_TIMEOUT, tls.read(&mut input))
-                    .await
-                    .map_err(|_| SessionError::Timeout("idle"))??
-            } else {
-                // Objects wait in the batch only while more bytes are already at
-                // hand: when the input runs dry, they are stored and answered.
-                match tokio::time::timeout(Duration::ZERO, tls.read(&mut input)).await {
-                    Ok(Ok(read)) => read,
-                    Ok(Err(error)) => {
-                        // The input broke off (a client whose budget ran out
-                        // half-closes mid-record), but what arrived whole is
-                        // stored, and answered if the client still listens.
-                        tokio::task::block_in_place(|| self.store_batch(&mut session, &mut output));
-                        let _ = write_out(&mut tls, &mut output).await;
-                        return Err(error.into());
-                    }
-                    Err(_) => {
-                        tokio::task::block_in_place(|| self.store_batch(&mut session, &mut output));
-                        write_out(&mut tls, &mut output).await?;
-                        continue;
-                    }
+            // Invariant here: the batch is empty, or a batch is being stored.
+            let quiet = storing.is_none();
+            if quiet {
+                // A connection waiting for its client holds no batch memory.
+                session.spare = None;
+                session.batch.release();
+                decoder.shrink(READ_SIZE);
+            }
+            let read = tokio::select! {
+                answers = async { storing.as_mut().expect("guarded by the condition").await },
+                    if storing.is_some() =>
+                {
+                    storing = None;
+                    session.stored(answers?, &mut output);
+                    // What piled up meanwhile goes to be stored while these answers travel.
+                    self.dispatch(&mut session, &mut storing);
+                    write_out(&mut tls, &mut output).await?;
+                    continue;
+                }
+                read = tokio::time::timeout(
+                    if quiet { IDLE_TIMEOUT } else { Duration::MAX },
+                    tls.read_buf(decoder.input(READ_SIZE)),
+                ) => read.map_err(|_| SessionError::Timeout("idle"))?,
+            };
+            let read = match read {
+                Ok(read) => read,
+                Err(error) => {
+                    // The input broke off (a client whose budget ran out
+                    // half-closes mid-record), but what arrived whole is
+                    // stored, and answered if the client still listens.
+                    self.settle(&mut session, &mut storing, &mut output).await?;
+                    let _ = write_out(&mut tls, &mut output).await;
+                    return Err(error.into());
                 }
             };
             if read == 0 {
-                tokio::task::block_in_place(|| self.store_batch(&mut session, &mut output));
+                self.settle(&mut session, &mut storing, &mut output).await?;
                 write_out(&mut tls, &mut output).await?;
                 return Ok(());
             }
-            decoder.push(&input[..read]);
             let mut close = false;
             loop {
                 if self.is_revoked(&session.client.serial) {
                     return Err(SessionError::Revoked);
                 }
-                let frame = match decoder.next_frame() {
-                    Ok(Some(frame)) => frame,
+                let message = match decoder.next_frame().map(|f| f.map(ClientMessage::decode)) {
+                    Ok(Some(Ok(message))) => message,
                     Ok(None) => break,
-                    Err(error) => {
-                        // Objects waiting in the batch are answered first.
-                        tokio::task::block_in_place(|| self.store_batch(&mut session, &mut output));
+                    Err(error) | Ok(Some(Err(error))) => {
+                        // Objects sent before are stored and answered first.
+                        self.settle(&mut session, &mut storing, &mut output).await?;
                         reply_malformed(&mut output, &error);
                         close = true;
                         break;
                     }
                 };
-                let message = match ClientMessage::decode(frame) {
-                    Ok(message) => message,
-                    Err(error) => {
-                        // Objects waiting in the batch are answered first.
-                        tokio::task::block_in_place(|| self.store_batch(&mut session, &mut output));
-                        reply_malformed(&mut output, &error);
-                        close = true;
-                        break;
-                    }
-                };
-                // Whole objects in one piece wait in a batch that is stored with
-                // one segment sync and one index transaction (group commit); any
-                // other message first stores the batch, so replies keep their order.
+                // Whole objects in one piece gather in a batch that is stored with
+                // one segment sync and one index transaction (group commit), on a
+                // blocking thread while this task reads and decrypts the next ones;
+                // any other message first waits for every batch, so that replies
+                // keep their order.
                 if let ClientMessage::Put {
                     id,
                     total,
@@ -411,20 +422,23 @@ impl<B: Backend + 'static> Server<B> {
                     && data.len() == *total as usize
                     && session.greeted
                 {
-                    session.batch_bytes += data.len();
-                    session.batch.push((*id, data.to_vec()));
-                    if session.batch_bytes >= MAX_BATCH || session.batch.len() >= MAX_BATCH_OBJECTS
+                    session.batch.push(*id, data);
+                    if session.batch.bytes() >= MAX_BATCH
+                        || session.batch.len() >= MAX_BATCH_OBJECTS
                     {
-                        tokio::task::block_in_place(|| self.store_batch(&mut session, &mut output));
+                        // One batch is stored at a time: a full one waits for it.
+                        if let Some(previous) = storing.take() {
+                            session.stored(previous.await?, &mut output);
+                        }
+                        self.dispatch(&mut session, &mut storing);
                     }
                     continue;
                 }
+                self.settle(&mut session, &mut storing, &mut output).await?;
                 // Store calls sync files; they run on this worker thread without
                 // holding up the others.
-                let flow = tokio::task::block_in_place(|| {
-                    self.store_batch(&mut session, &mut output);
-                    self.handle(&mut session, message, &mut output)
-                });
+                let flow =
+                    tokio::task::block_in_place(|| self.handle(&mut session, message, &mut output));
                 if flow == Flow::Close {
                     close = true;
                     break;
@@ -436,31 +450,66 @@ impl<B: Backend + 'static> Server<B> {
                 }
             }
             if close {
-                tokio::task::block_in_place(|| self.store_batch(&mut session, &mut output));
-            }
-            write_out(&mut tls, &mut output).await?;
-            if close {
+                self.settle(&mut session, &mut storing, &mut output).await?;
+                write_out(&mut tls, &mut output).await?;
                 // A client that stopped reading cannot hold its place by it.
                 let _ = tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.shutdown()).await;
                 return Ok(());
             }
+            // The input at hand is used up: the batch goes to be stored now, unless
+            // one is being stored, in which case it goes when that one is done.
+            if storing.is_none() {
+                self.dispatch(&mut session, &mut storing);
+            }
+            write_out(&mut tls, &mut output).await?;
         }
     }
 
-    /// Stores the batched whole objects and answers each: Stored or Refused.
-    fn store_batch(&self, session: &mut Session, out: &mut Vec<u8>) {
+    /// Starts storing the session's batch on a blocking thread, if it holds any.
+    fn dispatch(self: &Arc<Self>, session: &mut Session, storing: &mut Option<Storing>) {
+        debug_assert!(storing.is_none(), "one batch is stored at a time");
         if session.batch.is_empty() {
             return;
         }
-        let batch = std::mem::take(&mut session.batch);
-        session.batch_bytes = 0;
-        let objects: Vec<(ObjectId, &[u8])> = batch
-            .iter()
-            .map(|(id, data)| (*id, data.as_slice()))
-            .collect();
-        match self.store.put_whole(&session.client.account, &objects) {
+        let next = session.spare.take().unwrap_or_default();
+        let batch = std::mem::replace(&mut session.batch, next);
+        let server = Arc::clone(self);
+        let account = session.client.account.clone();
+        *storing = Some(tokio::task::spawn_blocking(move || {
+            let mut answers = Vec::new();
+            server.store_batch(&account, &batch, &mut answers);
+            (answers, batch)
+        }));
+    }
+
+    /// Waits for the batch being stored, then stores what is left in the session's
+    /// batch, answering both: afterwards every object received has its answer in
+    /// `out`.
+    async fn settle(
+        &self,
+        session: &mut Session,
+        storing: &mut Option<Storing>,
+        out: &mut Vec<u8>,
+    ) -> Result<(), SessionError> {
+        if let Some(previous) = storing.take() {
+            session.stored(previous.await?, out);
+        }
+        if !session.batch.is_empty() {
+            let batch = std::mem::take(&mut session.batch);
+            tokio::task::block_in_place(|| {
+                self.store_batch(&session.client.account, &batch, out);
+            });
+            session.spare = Some(batch);
+        }
+        Ok(())
+    }
+
+    /// Stores the batched whole objects and answers each: Stored or Refused.
+    fn store_batch(&self, account: &str, batch: &Batch, out: &mut Vec<u8>) {
+        let objects: Vec<(ObjectId, &[u8])> = batch.objects().collect();
+        match self.store.put_whole(account, &objects) {
             Ok(results) => {
-                for ((id, _), result) in batch.iter().zip(results) {
+                for ((id, _), result) in objects.iter().zip(results) {
                     match result {
                         Ok(_) => ServerMessage::Stored { id: *id }.encode(out),
                         Err(error) => ServerMessage::Refused {
@@ -474,7 +523,7 @@ impl<B: Backend + 'static> Server<B> {
             // Nothing of the batch was stored: every object is refused alike.
             Err(error) => {
                 let error = wire_error(&error);
-                for (id, _) in &batch {
+                for (id, _) in &objects {
                     ServerMessage::Refused {
                         id: *id,
                         error: error.clone(),
@@ -754,8 +803,70 @@ struct Session {
     /// Ids the next delta commit removes.
     commit_removed: Vec<ObjectId>,
     /// Whole objects waiting to be stored together.
-    batch: Vec<(ObjectId, Vec<u8>)>,
-    batch_bytes: usize,
+    batch: Batch,
+    /// The memory of the last batch stored, for the next one.
+    spare: Option<Batch>,
+}
+
+impl Session {
+    /// Takes the answers of a batch that was stored, and keeps its memory.
+    fn stored(&mut self, (answers, mut batch): (Vec<u8>, Batch), out: &mut Vec<u8>) {
+        out.extend_from_slice(&answers);
+        batch.clear();
+        self.spare = Some(batch);
+    }
+}
+
+/// A batch being stored: its answers, and the batch back for its memory.
+type Storing = tokio::task::JoinHandle<(Vec<u8>, Batch)>;
+
+/// Whole objects received and not yet stored: their bytes one after the other in
+/// one buffer (one copy out of the decoder, none more on the way to the segment).
+#[derive(Debug, Default)]
+struct Batch {
+    data: Vec<u8>,
+    /// Each object's id and where its bytes end in `data`.
+    objects: Vec<(ObjectId, usize)>,
+}
+
+impl Batch {
+    fn push(&mut self, id: ObjectId, data: &[u8]) {
+        self.data.extend_from_slice(data);
+        self.objects.push((id, self.data.len()));
+    }
+
+    fn objects(&self) -> impl Iterator<Item = (ObjectId, &[u8])> {
+        let mut start = 0;
+        self.objects.iter().map(move |&(id, end)| {
+            let data = &self.data[start..end];
+            start = end;
+            (id, data)
+        })
+    }
+
+    fn len(&self) -> usize {
+        self.objects.len()
+    }
+
+    fn bytes(&self) -> usize {
+        self.data.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.objects.is_empty()
+    }
+
+    fn clear(&mut self) {
+        self.data.clear();
+        self.objects.clear();
+    }
+
+    /// Gives back the memory of an empty batch.
+    fn release(&mut self) {
+        if self.is_empty() {
+            *self = Self::default();
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -777,6 +888,8 @@ enum SessionError {
     BadCertificate(&'static str),
     #[error("the client's certificate was revoked")]
     Revoked,
+    #[error("storing a batch of objects failed: {0}")]
+    Storing(#[from] tokio::task::JoinError),
 }
 
 fn reply_malformed(out: &mut Vec<u8>, error: &ProtocolError) {

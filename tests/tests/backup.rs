@@ -896,7 +896,7 @@ fn one_new_file_in_a_thousand_costs_a_few_kilobytes_on_the_wire() {
 
 #[test]
 fn retention_and_garbage_collection_free_what_no_kept_snapshot_needs() {
-    let rig = Rig::new("0");
+    let mut rig = Rig::new("0");
     let src = rig.dir("src");
     let store = rig.store.to_str().unwrap().to_string();
     let info = || -> serde_json::Value {
@@ -944,6 +944,8 @@ fn retention_and_garbage_collection_free_what_no_kept_snapshot_needs() {
         4,
         "{done}"
     );
+    // The server holds the store: compaction is its job, not this command's.
+    assert!(done["compaction"].is_null(), "{done}");
     // Four megabytes of chunks only the forgotten snapshots had, and their trees
     // and manifests.
     assert!(done["bytes_freed"].as_u64().unwrap() > 4 << 20, "{done}");
@@ -977,6 +979,15 @@ fn retention_and_garbage_collection_free_what_no_kept_snapshot_needs() {
     let out = rig.restore("latest", &target);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_same(&state, &describe(&restored(&target, &src)));
+    // With no server on the store, the command compacts (here: everything is in
+    // the newest segment, which is never compacted), and the store stays whole.
+    rig.stop();
+    let alone = gc(false);
+    assert_eq!(alone["compaction"]["segments_compacted"], 0, "{alone}");
+    assert_eq!(alone["compaction"]["damaged_left"], 0, "{alone}");
+    let check: serde_json::Value =
+        serde_json::from_str(&store_cmd(&["check", "--store", &store, "--json"])).unwrap();
+    assert_eq!(check["damaged"], serde_json::json!([]), "{check}");
 }
 
 #[test]

@@ -65,21 +65,22 @@ impl<B: Backend> FaultyBackend<B> {
 }
 
 impl<B: Backend> Backend for FaultyBackend<B> {
-    fn append(&self, segment: u64, bytes: &[u8]) -> Result<u64, BackendError> {
+    fn append(&self, segment: u64, parts: &[&[u8]]) -> Result<u64, BackendError> {
         let fail = |kind: io::ErrorKind, text: &str| BackendError::Io {
             operation: "append",
             segment,
             source: io::Error::new(kind, text.to_string()),
         };
         match self.next_fault() {
-            None => self.inner.append(segment, bytes),
+            None => self.inner.append(segment, parts),
             Some(Fault::NoSpace) => Err(fail(
                 io::ErrorKind::StorageFull,
                 "no space left on device (injected)",
             )),
             Some(Fault::Io) => Err(fail(io::ErrorKind::Other, "input/output error (injected)")),
             Some(Fault::Torn) => {
-                self.inner.append(segment, &bytes[..bytes.len() / 2])?;
+                let bytes = parts.concat();
+                self.inner.append(segment, &[&bytes[..bytes.len() / 2]])?;
                 Err(fail(
                     io::ErrorKind::StorageFull,
                     "write torn half-way (injected)",
@@ -138,16 +139,16 @@ mod tests {
             Some(Fault::Torn),
             None,
         ]);
-        let no_space = backend.append(1, b"abcd").unwrap_err();
+        let no_space = backend.append(1, &[b"abcd".as_slice()]).unwrap_err();
         assert!(no_space.to_string().contains("no space"), "{no_space}");
-        assert!(backend.append(1, b"abcd").is_err());
-        assert!(backend.append(1, b"abcd").is_err());
+        assert!(backend.append(1, &[b"abcd".as_slice()]).is_err());
+        assert!(backend.append(1, &[b"abcd".as_slice()]).is_err());
         assert_eq!(
             backend.list().unwrap(),
             vec![(1, 2)],
             "the torn write left half"
         );
-        assert_eq!(backend.append(1, b"ef").unwrap(), 2);
+        assert_eq!(backend.append(1, &[b"ef".as_slice()]).unwrap(), 2);
         backend.fail_reads(true);
         assert!(backend.read(1, 0, 1).is_err());
     }

@@ -372,7 +372,7 @@ fn a_crash_between_append_and_index_leaves_only_dead_space() {
     }
     // Bytes appended to the segment by a store that died before indexing them.
     let backend = LocalBackend::open(&fixture.dir.path().join("segments")).unwrap();
-    backend.append(1, &[0xee; 300]).unwrap();
+    backend.append(1, &[[0xee_u8; 300].as_slice()]).unwrap();
     let store = fixture.open();
     let report = store.check(false).unwrap();
     assert!(report.damaged.is_empty());
@@ -872,4 +872,91 @@ fn garbage_waits_out_its_grace_period_and_uploads_in_flight_survive() {
     }
     assert!(store.account("alice").unwrap().used < used);
     assert!(store.check(false).unwrap().lost.is_empty());
+}
+
+#[test]
+fn compaction_moves_live_objects_out_of_dead_segments_and_leaves_damage_to_check() {
+    let fixture = Fixture::new();
+    // 5 objects of 1000 bytes fill a segment of 4096 bytes and start the next.
+    let store = fixture.open().with_segment_target(4096);
+    store.add_account("alice", 0, 0).unwrap();
+    let objects: Vec<(ObjectId, Vec<u8>)> = (1..=16).map(|n| (id(n), object(n, 1000))).collect();
+    for (n, data) in &objects {
+        store.put_whole("alice", &[(*n, data.as_slice())]).unwrap();
+    }
+    let segment_file = |n: u64| {
+        fixture
+            .dir
+            .path()
+            .join("segments")
+            .join(format!("{n:016x}.seg"))
+    };
+    let on_disk = || -> u64 {
+        (1..=5)
+            .filter_map(|n| std::fs::metadata(segment_file(n)).ok())
+            .map(|m| m.len())
+            .sum()
+    };
+    assert_eq!(on_disk(), 16_000);
+    // The snapshot needs 1 of segment 1, 6 and 7 of segment 2, 11-14 of segment
+    // 3 and 16 of segment 4 (the newest); the rest is garbage.
+    let kept: Vec<ObjectId> = [6, 7, 11, 12, 13, 14, 16].map(id).to_vec();
+    store
+        .commit("alice", &id(1), None, &whole(&kept), 1000)
+        .unwrap();
+    let gc = store.collect_garbage(2000, 0, false).unwrap();
+    assert_eq!(gc.objects_deleted, 8, "{gc:?}");
+    assert_eq!(
+        gc.segments_deleted, 0,
+        "every old segment still holds a live object"
+    );
+    // Object 7 rots on disk.
+    let mut bytes = std::fs::read(segment_file(2)).unwrap();
+    bytes[1000 + 123] ^= 0x01;
+    std::fs::write(segment_file(2), &bytes).unwrap();
+
+    let report = store.compact().unwrap();
+    // Segment 1 (20 % live) goes; segment 2 (40 % live) gives up 6 but stays for
+    // its damaged 7; segment 3 (80 % live) and the newest are not touched.
+    assert_eq!(
+        report,
+        CompactReport {
+            segments_compacted: 1,
+            objects_moved: 2,
+            bytes_moved: 2000,
+            segment_bytes_freed: 5000,
+            damaged_left: 1,
+        }
+    );
+    assert!(!segment_file(1).exists());
+    assert!(segment_file(2).exists());
+    assert_eq!(on_disk(), 16_000 - 5000 + 2000);
+    for n in [1, 6, 11, 12, 13, 14, 16] {
+        let (len, read) = store.read("alice", &id(n), 0, 1000).unwrap();
+        assert_eq!(
+            (len, &read),
+            (1000, &objects[n as usize - 1].1),
+            "object {n}"
+        );
+    }
+    let check = store.check(false).unwrap();
+    assert_eq!(check.objects, 8);
+    assert_eq!(check.damaged.len(), 1, "{check:?}");
+    assert_eq!(check.damaged[0].id, id(7));
+    assert_eq!(check.lost.len(), 1);
+    // Nothing is left to do, and the store reopens with everything where it is.
+    assert_eq!(
+        store.compact().unwrap(),
+        CompactReport {
+            damaged_left: 1,
+            ..Default::default()
+        }
+    );
+    drop(store);
+    let store = fixture.open();
+    assert_eq!(
+        store.read("alice", &id(1), 0, 1000).unwrap().1,
+        objects[0].1
+    );
+    assert_eq!(store.account("alice").unwrap().objects, 8);
 }

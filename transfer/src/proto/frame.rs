@@ -80,11 +80,39 @@ impl FrameDecoder {
 
     /// Adds bytes received from the peer.
     pub fn push(&mut self, bytes: &[u8]) {
-        if self.start > 0 && self.start >= self.buffer.len() / 2 {
+        self.compact();
+        self.buffer.extend_from_slice(bytes);
+    }
+
+    /// The buffer to read the peer's next bytes into, with room for at least `room`
+    /// more: append to it (`read_buf`), never change what it holds. Saves copying
+    /// every byte once more through a buffer of the caller's, as [`push`](Self::push)
+    /// does.
+    pub fn input(&mut self, room: usize) -> &mut Vec<u8> {
+        self.compact();
+        self.buffer.reserve(room);
+        &mut self.buffer
+    }
+
+    /// Drops the bytes already returned as frames once they are half the buffer (or
+    /// all of it), so that what is moved stays small next to what was consumed.
+    fn compact(&mut self) {
+        if self.start == self.buffer.len() {
+            self.buffer.clear();
+            self.start = 0;
+        } else if self.start > 0 && self.start >= self.buffer.len() / 2 {
             self.buffer.drain(..self.start);
             self.start = 0;
         }
-        self.buffer.extend_from_slice(bytes);
+    }
+
+    /// Gives back memory held beyond `keep` bytes of capacity (for a connection gone
+    /// quiet), keeping the bytes not yet returned as frames.
+    pub fn shrink(&mut self, keep: usize) {
+        self.compact();
+        if self.buffer.capacity() > keep {
+            self.buffer.shrink_to(keep.max(self.buffer.len()));
+        }
     }
 
     /// The next complete frame, or `None` until more bytes arrive.
@@ -179,7 +207,16 @@ mod tests {
             while !rest.is_empty() {
                 let n = cuts[turn % cuts.len()].min(rest.len());
                 turn += 1;
-                decoder.push(&rest[..n]);
+                // Both ways in: pushed, and read straight into the decoder's
+                // buffer; and a quiet connection giving its memory back between.
+                match turn % 3 {
+                    0 => decoder.push(&rest[..n]),
+                    1 => decoder.input(n).extend_from_slice(&rest[..n]),
+                    _ => {
+                        decoder.shrink(0);
+                        decoder.input(1).extend_from_slice(&rest[..n]);
+                    }
+                }
                 rest = &rest[n..];
                 while let Some(frame) = decoder.next_frame().unwrap() {
                     got.push((frame.kind, frame.payload.to_vec()));

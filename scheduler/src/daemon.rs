@@ -68,19 +68,63 @@ pub struct Status {
     pub error: Option<String>,
 }
 
-/// What the watcher needs to stop a run whose link went away.
+/// What the watcher needs to stop a run whose network went away.
 #[derive(Default)]
 struct RunWatch {
-    /// The link of the run in progress.
-    during_run: Mutex<Option<homing_policy::Observation>>,
-    /// Set when the link differs from it: the run's meter grants nothing more.
+    /// The network of the run in progress, and the policies that chose it.
+    during_run: Mutex<Option<RunNetwork>>,
+    /// Set when the run must stop uploading (another network, `pause`, a signal):
+    /// the run's meter grants nothing more. Cleared when a run starts.
     changed: Arc<AtomicBool>,
+    /// Set by SIGTERM or SIGINT, never cleared: no run starts after it.
+    shutdown: AtomicBool,
 }
 
-fn lock_link(
-    link: &Mutex<Option<homing_policy::Observation>>,
-) -> std::sync::MutexGuard<'_, Option<homing_policy::Observation>> {
-    link.lock().unwrap_or_else(|p| p.into_inner())
+/// The network a run goes over, as its policies named it.
+struct RunNetwork {
+    network: String,
+    policies: Option<homing_policy::PolicySet>,
+}
+
+impl RunWatch {
+    /// Whether the run in progress would now go over another network: the link
+    /// changed in a way its policies tell apart (another policy matches, or the
+    /// store cannot be reached). A change they cannot tell apart (another access
+    /// point of the same Wi-Fi, a new IPv6 address, a renewed lease) lets the
+    /// upload go on.
+    fn network_changed(&self, store: &str) -> bool {
+        let during = lock_network(&self.during_run);
+        let Some(during) = during.as_ref() else {
+            return false;
+        };
+        // With no policies, nothing is capped and every link is one network.
+        let Some(policies) = &during.policies else {
+            return false;
+        };
+        let link = crate::network::observe(store);
+        match crate::policy::plan_on(policies, store, link.as_ref()) {
+            Ok(plan) => plan.network != during.network,
+            Err(error) => {
+                tracing::warn!("{error:#}; the upload stops");
+                true
+            }
+        }
+    }
+
+    /// Makes the run about to start stoppable, and says whether it may start: not
+    /// after a signal, nor once paused. The flag is cleared first and the reasons
+    /// to stop are read after, so that a signal or a `pause` that comes meanwhile
+    /// is never lost.
+    fn arm(&self, status: &Mutex<Status>) -> bool {
+        self.changed.store(false, Ordering::SeqCst);
+        !self.shutdown.load(Ordering::SeqCst) && !lock(status).paused
+    }
+}
+
+fn lock_network(
+    network: &Mutex<Option<RunNetwork>>,
+) -> std::sync::MutexGuard<'_, Option<RunNetwork>> {
+    network.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 enum Wake {
@@ -117,22 +161,20 @@ pub fn run(
     }
     {
         let wake = wake.clone();
-        let stop = Arc::clone(&watch.changed);
-        std::thread::spawn(move || watch_signals(&wake, &stop));
+        let watch = Arc::clone(&watch);
+        std::thread::spawn(move || watch_signals(&wake, &watch));
     }
     {
         let wake = wake.clone();
         let watch = Arc::clone(&watch);
         let store = Config::load(&paths.config).map(|c| c.store.address).ok();
         if let Err(error) = crate::network::watch(move || {
-            // During a run: has the link itself changed (not a neighbour
-            // refresh)? Then the run's upload stops at its next write.
-            let during = lock_link(&watch.during_run).clone();
-            if let (Some(during), Some(store)) = (during, &store) {
-                let now = crate::network::observe(store).map(|l| l.observation);
-                if now.as_ref() != Some(&during) {
-                    watch.changed.store(true, Ordering::SeqCst);
-                }
+            // During a run: does the run now go over another network? Then its
+            // upload stops at its next write.
+            if let Some(store) = &store
+                && watch.network_changed(store)
+            {
+                watch.changed.store(true, Ordering::SeqCst);
             }
             let _ = wake.send(Wake::Link);
         }) {
@@ -247,13 +289,15 @@ fn main_loop(
         if paused || !(forced || due || waiting) {
             continue;
         }
+        if !watch.arm(status) {
+            if watch.shutdown.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+            continue;
+        }
         lock(status).running = true;
-        // The link this run goes over: when the watcher sees another, the run's
-        // upload stops at its next write.
-        *lock_link(&watch.during_run) = link.clone();
-        watch.changed.store(false, Ordering::SeqCst);
-        let outcome = run_once(paths, keys, &watch.changed, &mut last_good);
-        *lock_link(&watch.during_run) = None;
+        let outcome = run_once(paths, keys, watch, &mut last_good);
+        *lock_network(&watch.during_run) = None;
         let finished = Timestamp::now();
         if due {
             next = finished.checked_add(interval_span).unwrap_or(finished);
@@ -288,7 +332,7 @@ type LastGood = Option<Option<homing_policy::PolicySet>>;
 fn run_once(
     paths: &Paths,
     keys: &homing_crypto::KeyRing,
-    stop: &Arc<AtomicBool>,
+    watch: &RunWatch,
     last_good: &mut LastGood,
 ) -> anyhow::Result<(String, Vec<serde_json::Value>, Option<String>)> {
     let config = Config::load(&paths.config)?;
@@ -313,13 +357,19 @@ fn run_once(
     }
     let set = last_good.as_ref().and_then(Option::as_ref);
     let plan = crate::policy::plan_with(set, paths, &config.store.address)?;
+    // The network this run goes over: when the watcher sees the run would now go
+    // over another, the upload stops at its next write.
+    *lock_network(&watch.during_run) = Some(RunNetwork {
+        network: plan.network.clone(),
+        policies: set.cloned(),
+    });
     let client = crate::commands::Client {
         paths,
         config: &config,
         keys,
         db,
     };
-    let outcomes = backup_sets(&client, &plan, &config.sets, false, Some(stop))?;
+    let outcomes = backup_sets(&client, &plan, &config.sets, false, Some(&watch.changed))?;
     let mut sets = Vec::new();
     for outcome in &outcomes {
         match &outcome.result {
@@ -403,7 +453,12 @@ fn serve_control(
 
 /// SIGTERM and SIGINT stop the daemon: a run in progress stops uploading at its
 /// next write (its ledger settles as its meter goes), then the loop ends.
-fn watch_signals(wake: &Sender<Wake>, stop: &AtomicBool) {
+fn watch_signals(wake: &Sender<Wake>, watch: &RunWatch) {
+    let stop = || {
+        watch.shutdown.store(true, Ordering::SeqCst);
+        watch.changed.store(true, Ordering::SeqCst);
+        let _ = wake.send(Wake::Stop);
+    };
     let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -421,8 +476,8 @@ fn watch_signals(wake: &Sender<Wake>, stop: &AtomicBool) {
         };
         loop {
             tokio::select! {
-                _ = term.recv() => { stop.store(true, Ordering::SeqCst); let _ = wake.send(Wake::Stop); return; }
-                _ = int.recv() => { stop.store(true, Ordering::SeqCst); let _ = wake.send(Wake::Stop); return; }
+                _ = term.recv() => { stop(); return; }
+                _ = int.recv() => { stop(); return; }
                 _ = hup.recv() => { let _ = wake.send(Wake::Reload); }
             }
         }

@@ -243,7 +243,20 @@ pub fn plan_with(
             ),
         });
     };
-    let Some(link) = crate::network::observe(store) else {
+    plan_on(set, store, crate::network::observe(store).as_ref())
+}
+
+/// The plan `set` makes for `link` (as [`crate::network::observe`] saw it; `None`
+/// when the store's address does not resolve).
+///
+/// # Errors
+/// Policies that match the link equally well.
+pub fn plan_on(
+    set: &PolicySet,
+    store: &str,
+    link: Option<&crate::network::Link>,
+) -> anyhow::Result<Plan> {
+    let Some(link) = link else {
         let policy = set
             .select(&homing_policy::Observation::default())?
             .policy

@@ -198,22 +198,17 @@ fn backups_killed_mid_upload_never_leave_the_ledger_below_the_kernels_count() {
     );
 }
 
-#[test]
-fn the_daemon_stops_an_upload_when_the_link_changes_under_it() {
-    if !homing_e2e::lab::available() {
-        return;
-    }
-    // A short shaper queue: what the kernel still holds when the upload stops is
-    // small, so that the stop itself is what the counters show.
-    let lab = Lab::up_queue("hmswitch", "1mbit", 300);
+/// The daemon of the two tests below, uploading 3 MB of noise in a normal set
+/// over the lab's link under a budgeted policy, with a second policy for the
+/// same interface once it has an address in 10.99.0.0/24: another network, one
+/// that carries critical sets only. Its log goes to `daemon.log` in the rig.
+fn uploading_daemon(lab: &Lab) -> (homing_e2e::lab::Rig, std::process::Child) {
     // A budget (a generous one) gives the connection a small send buffer, as on
     // any capped link.
     let rig = rig(
-        &lab,
+        lab,
         "[match]\ninterface = \"nlc0\"\n\n[budget]\nbytes = \"1 GB\"\nperiod = \"day\"\n",
     );
-    // Once the link has an address in 10.99.0.0/24, it is another network, one
-    // that carries critical sets only.
     std::fs::write(
         rig.config.join("policies/narrow.toml"),
         "[match]\ninterface = \"nlc0\"\nprefix = \"10.99.0.0/24\"\n\n[link]\nclasses = [\"critical\"]\n",
@@ -228,7 +223,7 @@ fn the_daemon_stops_an_upload_when_the_link_changes_under_it() {
         src.display()
     ));
     std::fs::write(rig.config.join("config.toml"), config).expect("config");
-    let mut daemon = lab
+    let daemon = lab
         .homing(&rig.config)
         .args(["daemon"])
         .env("RUST_LOG", "info")
@@ -236,15 +231,32 @@ fn the_daemon_stops_an_upload_when_the_link_changes_under_it() {
         .stderr(std::fs::File::create(rig.home.path().join("daemon.log")).expect("a log"))
         .spawn()
         .expect("the daemon starts");
-    // At 1 Mbit/s the 3 MB take about 25 s: switch networks a few seconds in.
-    std::thread::sleep(std::time::Duration::from_secs(4));
-    let (before, _) = lab.client_counters();
+    (rig, daemon)
+}
+
+/// Gives the lab client's interface one more address.
+fn add_address(lab: &Lab, address: &str) {
     let status = lab
         .exec("CLIENT_NS", Path::new("ip"))
-        .args(["addr", "add", "10.99.0.1/24", "dev", "nlc0"])
+        .args(["addr", "add", address, "dev", "nlc0"])
         .status()
         .expect("ip runs");
     assert!(status.success());
+}
+
+#[test]
+fn the_daemon_stops_an_upload_when_the_link_changes_under_it() {
+    if !homing_e2e::lab::available() {
+        return;
+    }
+    // A short shaper queue: what the kernel still holds when the upload stops is
+    // small, so that the stop itself is what the counters show.
+    let lab = Lab::up_queue("hmswitch", "1mbit", 300);
+    let (rig, mut daemon) = uploading_daemon(&lab);
+    // At 1 Mbit/s the 3 MB take about 25 s: switch networks a few seconds in.
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    let (before, _) = lab.client_counters();
+    add_address(&lab, "10.99.0.1/24");
     let (at_change, _) = lab.client_counters();
     // What was in the kernel's hands drains within a second; after that the
     // link is quiet (the new network carries no normal sets).
@@ -272,6 +284,42 @@ fn the_daemon_stops_an_upload_when_the_link_changes_under_it() {
         "the upload went on after the link changed: {draining} bytes"
     );
     assert!(later < 10_000, "the link was not quiet: {later} bytes");
+}
+
+#[test]
+fn the_daemon_goes_on_uploading_when_the_link_changes_within_its_network() {
+    if !homing_e2e::lab::available() {
+        return;
+    }
+    let lab = Lab::up_queue("hmsame", "1mbit", 300);
+    let (rig, mut daemon) = uploading_daemon(&lab);
+    let log = rig.home.path().join("daemon.log");
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    // A new address outside 10.99.0.0/24 (as a renewed lease or a new IPv6
+    // address would bring): the link changed, the policy that matches did not.
+    add_address(&lab, "10.98.0.1/24");
+    let (at_change, _) = lab.client_counters();
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let (later, _) = lab.client_counters();
+    let status = after_run(&lab, &rig.config, 1, &log);
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    eprintln!(
+        "sent in the 3 s after the change: {} bytes",
+        later - at_change
+    );
+    // 3 s at 1 Mbit/s is 375 kB: the upload went on at the link's pace.
+    assert!(
+        later - at_change > 250_000,
+        "the upload stalled after the change: {} bytes\n{text}",
+        later - at_change
+    );
+    assert!(!text.contains("the upload was stopped"), "{text}");
+    assert!(
+        status["sets"][0]["result"]["done"]["snapshot"].is_string(),
+        "{status}\n{text}"
+    );
 }
 
 /// `homing status --json` of the daemon in the lab (null while it does not

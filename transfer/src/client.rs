@@ -232,7 +232,13 @@ pub struct Connection {
     tls: Tls,
     decoder: FrameDecoder,
     buffer: Vec<u8>,
+    /// Frames to send; object data goes between them (`pieces`).
     out: Vec<u8>,
+    /// Object data to send from where it lies: before the byte of `out` at the
+    /// position, the range of the object's bytes.
+    pieces: Vec<(usize, Arc<Vec<u8>>, std::ops::Range<usize>)>,
+    /// Bytes in `pieces`.
+    piece_bytes: usize,
     traffic: Arc<Traffic>,
     piece: usize,
 }
@@ -337,6 +343,8 @@ impl Connection {
             decoder: FrameDecoder::new(MAX_FRAME_PAYLOAD),
             buffer: vec![0; 64 * 1024],
             out: Vec::new(),
+            pieces: Vec::new(),
+            piece_bytes: 0,
             traffic,
             piece: MAX_PIECE,
         };
@@ -366,12 +374,48 @@ impl Connection {
     }
 
     async fn flush(&mut self) -> Result<(), ClientError> {
-        if !self.out.is_empty() {
-            self.tls.write_all(&self.out).await?;
-            self.out.clear();
+        let Self {
+            tls, out, pieces, ..
+        } = self;
+        if !pieces.is_empty() {
+            // The frames and the object data between them, in one gathering write
+            // after another: TLS copies each byte once, into its record.
+            let mut slices = Vec::with_capacity(pieces.len() * 2 + 1);
+            let mut at = 0;
+            for (position, data, range) in pieces.iter() {
+                if *position > at {
+                    slices.push(io::IoSlice::new(&out[at..*position]));
+                    at = *position;
+                }
+                if !range.is_empty() {
+                    slices.push(io::IoSlice::new(&data[range.clone()]));
+                }
+            }
+            if at < out.len() {
+                slices.push(io::IoSlice::new(&out[at..]));
+            }
+            let mut rest = &mut slices[..];
+            while !rest.is_empty() {
+                let written = tls.write_vectored(rest).await?;
+                if written == 0 {
+                    return Err(io::Error::from(io::ErrorKind::WriteZero).into());
+                }
+                io::IoSlice::advance_slices(&mut rest, written);
+            }
+            out.clear();
+            self.pieces.clear();
+            self.piece_bytes = 0;
+        } else if !out.is_empty() {
+            tls.write_all(out).await?;
+            out.clear();
         }
         self.tls.flush().await?;
         Ok(())
+    }
+
+    /// Bytes waiting to be sent.
+    fn queued(&self) -> usize {
+        self.out.len() + self.piece_bytes
     }
 
     /// Reads the next message and hands it to `accept`; an `Err(message)` from
@@ -494,21 +538,25 @@ impl Connection {
                 if start > 0 {
                     summary.resumed += 1;
                 }
+                let bytes = Arc::new(bytes);
                 let mut offset = start;
                 loop {
                     let end = (offset + self.piece).min(bytes.len());
-                    ClientMessage::Put {
-                        id: next.id,
+                    ClientMessage::encode_put_header(
+                        &next.id,
                         total,
-                        offset: offset as u32,
-                        data: &bytes[offset..end],
-                    }
-                    .encode(&mut self.out);
+                        offset as u32,
+                        end - offset,
+                        &mut self.out,
+                    );
+                    self.pieces
+                        .push((self.out.len(), Arc::clone(&bytes), offset..end));
+                    self.piece_bytes += end - offset;
                     offset = end;
                     if offset >= bytes.len() {
                         break;
                     }
-                    if self.out.len() >= 1 << 20
+                    if self.queued() >= 1 << 20
                         && let Err(error) = self.flush().await
                     {
                         return self.stopped(error, in_flight, &mut stored).await;
@@ -587,6 +635,8 @@ impl Connection {
             return Err(error);
         }
         self.out.clear();
+        self.pieces.clear();
+        self.piece_bytes = 0;
         let drain = async {
             // Half-close the TCP connection under TLS: no close_notify (that
             // would be sending), just the end of the stream.

@@ -8,7 +8,7 @@ use homing_crypto::ObjectId;
 
 use super::ProtocolError;
 use super::frame::{Frame, begin_frame, end_frame};
-use super::wire::{Reader, put_varint};
+use super::wire::{Reader, put_varint, varint_len};
 
 /// The protocol versions this build speaks.
 pub const PROTOCOL_VERSION: u16 = 2;
@@ -313,6 +313,30 @@ mod code {
 const MAX_MESSAGE: usize = 1024;
 
 impl<'a> ClientMessage<'a> {
+    /// Appends the frame of a `Put` of `len` data bytes up to where its data
+    /// begins: this header followed by the data is the frame [`encode`](Self::encode)
+    /// makes of the same `Put`. A sender hands the data to its connection from where
+    /// it lies instead of copying it into the frame first.
+    ///
+    /// # Panics
+    /// If `len` exceeds [`MAX_PIECE`] (a bug in the caller).
+    pub fn encode_put_header(
+        id: &ObjectId,
+        total: u32,
+        offset: u32,
+        len: usize,
+        out: &mut Vec<u8>,
+    ) {
+        assert!(len <= MAX_PIECE, "a piece exceeds MAX_PIECE");
+        let payload =
+            ObjectId::LEN + varint_len(u64::from(total)) + varint_len(u64::from(offset)) + len;
+        out.push(kind::PUT);
+        put_varint(out, payload as u64);
+        out.extend_from_slice(id.as_bytes());
+        put_varint(out, u64::from(total));
+        put_varint(out, u64::from(offset));
+    }
+
     /// Appends this message as one frame to `out`.
     ///
     /// # Panics

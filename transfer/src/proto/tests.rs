@@ -221,6 +221,25 @@ fn one_frame(bytes: &[u8]) -> Frame<'_> {
 
 proptest! {
     #[test]
+    fn a_put_header_and_its_data_are_the_put_frame(
+        id in any::<[u8; 32]>(),
+        total in any::<u32>(),
+        offset in any::<u32>(),
+        data in proptest::collection::vec(any::<u8>(), 0..3000),
+        big in any::<bool>(),
+    ) {
+        // Lengths whose varint takes one, two and three bytes.
+        let data = if big { vec![7; MAX_PIECE.min(200_000)] } else { data };
+        let id = ObjectId::from_bytes(id);
+        let mut whole = Vec::new();
+        ClientMessage::Put { id, total, offset, data: &data }.encode(&mut whole);
+        let mut split = Vec::new();
+        ClientMessage::encode_put_header(&id, total, offset, data.len(), &mut split);
+        split.extend_from_slice(&data);
+        prop_assert_eq!(split, whole);
+    }
+
+    #[test]
     fn client_messages_round_trip(message in client()) {
         let mut bytes = Vec::new();
         message.message().encode(&mut bytes);

@@ -65,6 +65,8 @@ const MAX_BATCH_OBJECTS: usize = 4096;
 const MAX_PENDING_OUTPUT: usize = 1024 * 1024;
 /// Room made for each read of a connection's input.
 const READ_SIZE: usize = 256 * 1024;
+/// How long a connection waits for input before it gives back its batch memory.
+const QUIET: Duration = Duration::from_secs(2);
 /// The most ids one commit may reference (32 MiB of ids).
 pub const MAX_COMMIT_IDS: usize = 1 << 20;
 
@@ -352,14 +354,14 @@ impl<B: Backend + 'static> Server<B> {
         // The batch being stored on a blocking thread while this task reads on.
         let mut storing: Option<Storing> = None;
         loop {
-            // Invariant here: the batch is empty, or a batch is being stored.
-            let quiet = storing.is_none();
-            if quiet {
-                // A connection waiting for its client holds no batch memory.
-                session.spare = None;
-                session.batch.release();
-                decoder.shrink(READ_SIZE);
-            }
+            // The batch fills while input is at hand or a batch is being stored;
+            // it goes to be stored when the input runs dry (or it is full).
+            let gathering = storing.is_none() && !session.batch.is_empty();
+            let quiet = storing.is_none() && session.batch.is_empty();
+            // A connection that has waited a while for its client gives back its
+            // batch memory; one that is busy keeps it (fresh memory for every
+            // batch costs page faults and zeroing).
+            let holding = session.spare.is_some() || session.batch.data.capacity() > 0;
             let read = tokio::select! {
                 answers = async { storing.as_mut().expect("guarded by the condition").await },
                     if storing.is_some() =>
@@ -372,9 +374,31 @@ impl<B: Backend + 'static> Server<B> {
                     continue;
                 }
                 read = tokio::time::timeout(
-                    if quiet { IDLE_TIMEOUT } else { Duration::MAX },
+                    if quiet && holding {
+                        QUIET
+                    } else if quiet {
+                        IDLE_TIMEOUT
+                    } else if gathering {
+                        Duration::ZERO
+                    } else {
+                        Duration::MAX
+                    },
                     tls.read_buf(decoder.input(READ_SIZE)),
-                ) => read.map_err(|_| SessionError::Timeout("idle"))?,
+                ) => match read {
+                    Ok(read) => read,
+                    // The input ran dry: the batch goes to be stored now.
+                    Err(_) if gathering => {
+                        self.dispatch(&mut session, &mut storing);
+                        continue;
+                    }
+                    Err(_) if holding => {
+                        session.spare = None;
+                        session.batch.release();
+                        decoder.shrink(READ_SIZE);
+                        continue;
+                    }
+                    Err(_) => return Err(SessionError::Timeout("idle")),
+                },
             };
             let read = match read {
                 Ok(read) => read,
@@ -455,11 +479,6 @@ impl<B: Backend + 'static> Server<B> {
                 // A client that stopped reading cannot hold its place by it.
                 let _ = tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.shutdown()).await;
                 return Ok(());
-            }
-            // The input at hand is used up: the batch goes to be stored now, unless
-            // one is being stored, in which case it goes when that one is done.
-            if storing.is_none() {
-                self.dispatch(&mut session, &mut storing);
             }
             write_out(&mut tls, &mut output).await?;
         }

@@ -208,6 +208,9 @@ fn main_loop(
     let mut pending_link = false;
     let mut sleep = Duration::ZERO;
     let mut last_good: LastGood = None;
+    // A requested run that found the state held by another command: it is tried
+    // again, as a due one is.
+    let mut retry_forced = false;
     loop {
         let (forced, event) = match wakes.recv_timeout(sleep) {
             Ok(Wake::Stop) | Err(RecvTimeoutError::Disconnected) => return Ok(()),
@@ -219,6 +222,7 @@ fn main_loop(
             Ok(Wake::Link) => (false, true),
             Err(RecvTimeoutError::Timeout) => (false, false),
         };
+        let forced = forced || std::mem::take(&mut retry_forced);
         let paused = lock(status).paused;
         let now = Timestamp::now();
         let due = now >= next;
@@ -298,6 +302,21 @@ fn main_loop(
         lock(status).running = true;
         let outcome = run_once(paths, keys, watch, &mut last_good);
         *lock_network(&watch.during_run) = None;
+        if let Err(error) = &outcome
+            && crate::state::is_busy(error)
+        {
+            // Another command (a `homing backup` by hand, say) holds the state:
+            // not a run, and not a reason to wait a whole interval. The run stays
+            // due (or requested) and is tried again in a few seconds.
+            tracing::info!(
+                "another homing command holds the state; trying again in {} s",
+                RETRY.as_secs()
+            );
+            lock(status).running = false;
+            retry_forced = forced;
+            sleep = RETRY;
+            continue;
+        }
         let finished = Timestamp::now();
         if due {
             next = finished.checked_add(interval_span).unwrap_or(finished);

@@ -82,6 +82,17 @@ pub fn open(dir: &Path) -> anyhow::Result<Database> {
     Ok(db)
 }
 
+/// Whether `error` says another `homing` process holds the state: worth trying
+/// again in a moment, unlike a damaged or unreadable database.
+pub fn is_busy(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<redb::DatabaseError>(),
+            Some(redb::DatabaseError::DatabaseAlreadyOpen)
+        )
+    })
+}
+
 /// The newest head this client has seen: the manifest id and its sequence.
 ///
 /// # Errors

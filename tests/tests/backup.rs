@@ -1268,6 +1268,41 @@ fn a_link_policy_caps_what_a_backup_sends_and_the_rest_waits_in_the_spool() {
 }
 
 #[test]
+fn a_run_that_finds_the_state_held_by_another_command_is_tried_again_soon() {
+    let rig = Rig::new("0");
+    let src = rig.dir("src");
+    fs::write(src.join("a.txt"), "first\n").unwrap();
+    rig.add_set("home", &src, "normal");
+    let mut daemon = rig.daemon();
+    let first = rig.after_runs(1);
+    let snapshot = |status: &serde_json::Value| -> String {
+        status["sets"][0]["result"]["done"]["snapshot"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{status}"))
+            .to_string()
+    };
+    let one = snapshot(&first);
+    // Another command holds the state (here: this test, as a `homing backup` by
+    // hand would) when a run is asked for.
+    fs::write(src.join("a.txt"), "second\n").unwrap();
+    let held = redb::Database::open(rig.config.join("state/state.redb")).expect("the state");
+    ok(rig.homing(&["backup-now"]));
+    std::thread::sleep(Duration::from_secs(3));
+    let waiting = rig.daemon_status();
+    assert_eq!(
+        waiting["runs"], 1,
+        "a run that could not open the state: {waiting}"
+    );
+    assert!(waiting["error"].is_null(), "{waiting}");
+    // Once it is free, the run goes within seconds, not at the next hour.
+    drop(held);
+    let second = rig.after_runs(2);
+    assert_ne!(snapshot(&second), one, "{second}");
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+}
+
+#[test]
 fn the_daemon_backs_up_on_start_on_request_and_not_while_paused() {
     let rig = Rig::new("0");
     let src = rig.dir("src");

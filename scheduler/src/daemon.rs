@@ -63,9 +63,11 @@ pub struct Status {
     /// The last run's outcome per set.
     pub sets: Vec<serde_json::Value>,
     /// The last run's error, if it could not run at all (bad configuration, or
-    /// policies that never loaded: the daemon keeps going and tries again), or
-    /// why it ran on the last policies that loaded (the files on disk do not).
+    /// policies that never loaded: the daemon keeps going and tries again).
     pub error: Option<String>,
+    /// Why the last run went on the last policies that loaded (the files on disk
+    /// do not): it ran, but the files need fixing.
+    pub warning: Option<String>,
 }
 
 /// What the watcher needs to stop a run whose network went away.
@@ -330,11 +332,13 @@ fn main_loop(
             Ok((network, sets, warning)) => {
                 shown.network = Some(network);
                 shown.sets = sets;
-                shown.error = warning;
+                shown.error = None;
+                shown.warning = warning;
             }
             Err(error) => {
                 tracing::error!("the run failed: {error:#}");
                 shown.error = Some(format!("{error:#}"));
+                shown.warning = None;
             }
         }
     }
@@ -545,6 +549,9 @@ pub fn control(paths: &Paths, what: &str, json: bool) -> anyhow::Result<ExitCode
         }
         if let Some(error) = reply["error"].as_str() {
             println!("last run failed: {error}");
+        }
+        if let Some(warning) = reply["warning"].as_str() {
+            println!("warning: {warning}");
         }
         for set in reply["sets"].as_array().into_iter().flatten() {
             let name = set["set"].as_str().unwrap_or("?");

@@ -201,14 +201,24 @@ pub fn enroll(paths: &Paths, args: &EnrollArgs) -> anyhow::Result<ExitCode> {
             config.store.key.display()
         );
     }
-    if let Some(ca) = &args.ca {
-        copy_credential(ca, &paths.config, "store-ca.crt", 0o644)?;
-    }
-    if !config.store.ca.exists() {
+    let ca = args.ca.as_ref().unwrap_or(&config.store.ca);
+    if !ca.exists() {
         bail!(
             "the store's CA certificate is missing ({}): pass --ca PREFIX-ca.crt",
-            config.store.ca.display()
+            ca.display()
         );
+    }
+    signed_by(&der, ca).with_context(|| {
+        format!(
+            "{} was not issued by the store's CA ({}): was the request signed by another \
+             store's `homing-store ca sign`, or is the CA file another store's? Nothing was \
+             changed.",
+            args.cert.display(),
+            ca.display()
+        )
+    })?;
+    if let Some(ca) = &args.ca {
+        copy_credential(ca, &paths.config, "store-ca.crt", 0o644)?;
     }
     let certificate = copy_credential(&args.cert, &paths.config, "client.crt", 0o644)?;
     homing_transfer::client::tls_config(&config.store.ca, &certificate, &config.store.key)?;
@@ -217,6 +227,29 @@ pub fn enroll(paths: &Paths, args: &EnrollArgs) -> anyhow::Result<ExitCode> {
         certificate.display()
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// Checks that `certificate` is a client certificate issued by the CA in
+/// `ca_file`, valid now: what the store checks at every handshake, asked before
+/// anything is written.
+fn signed_by(certificate: &CertificateDer<'_>, ca_file: &Path) -> anyhow::Result<()> {
+    let pem =
+        std::fs::read(ca_file).with_context(|| format!("cannot read {}", ca_file.display()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in CertificateDer::pem_slice_iter(&pem) {
+        let ca =
+            ca.map_err(|e| anyhow::anyhow!("{}: not a PEM certificate: {e}", ca_file.display()))?;
+        roots
+            .add(ca)
+            .map_err(|e| anyhow::anyhow!("{}: not a CA certificate: {e}", ca_file.display()))?;
+    }
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        std::sync::Arc::new(roots),
+        std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider()),
+    )
+    .build()?;
+    verifier.verify_client_cert(certificate, &[], rustls::pki_types::UnixTime::now())?;
+    Ok(())
 }
 
 fn host_of(address: &str) -> anyhow::Result<String> {

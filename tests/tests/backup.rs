@@ -1059,6 +1059,48 @@ fn an_air_gapped_client_keeps_its_key_and_enrolls_with_a_signed_certificate() {
         "{}",
         stderr(&foreign)
     );
+    // The same request signed by another store's CA: refused before anything
+    // is written, naming the CA.
+    let other = rig.home.path().join("other-store");
+    store_cmd(&["init", other.to_str().unwrap()]);
+    store_cmd(&[
+        "account",
+        "add",
+        "second",
+        "--store",
+        other.to_str().unwrap(),
+    ]);
+    let stranger = rig.home.path().join("stranger");
+    store_cmd(&[
+        "ca",
+        "sign",
+        request.to_str().unwrap(),
+        "--account",
+        "second",
+        "--store",
+        other.to_str().unwrap(),
+        "--out",
+        stranger.to_str().unwrap(),
+    ]);
+    let wrong_ca = homing(
+        &laptop,
+        &[
+            "enroll",
+            "--cert",
+            &format!("{}.crt", stranger.display()),
+            "--ca",
+            &format!("{}-ca.crt", prefix.display()),
+        ],
+    );
+    assert!(!wrong_ca.status.success());
+    assert!(
+        stderr(&wrong_ca).contains("was not issued by the store's CA")
+            && stderr(&wrong_ca).contains("Nothing was changed"),
+        "{}",
+        stderr(&wrong_ca)
+    );
+    assert!(!laptop.join("client.crt").exists());
+    assert!(!laptop.join("store-ca.crt").exists());
     let enrolled = homing(
         &laptop,
         &[

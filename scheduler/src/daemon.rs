@@ -95,17 +95,22 @@ impl RunWatch {
     /// point of the same Wi-Fi, a new IPv6 address, a renewed lease) lets the
     /// upload go on.
     fn network_changed(&self, store: &str) -> bool {
-        let during = lock_network(&self.during_run);
-        let Some(during) = during.as_ref() else {
-            return false;
-        };
-        // With no policies, nothing is capped and every link is one network.
-        let Some(policies) = &during.policies else {
-            return false;
+        // Copied out, so that the lock is not held across the look at the link
+        // (a name lookup may take a while).
+        let (network, policies) = {
+            let during = lock_network(&self.during_run);
+            match during.as_ref() {
+                // With no policies, nothing is capped and every link is one network.
+                Some(RunNetwork {
+                    network,
+                    policies: Some(policies),
+                }) => (network.clone(), policies.clone()),
+                _ => return false,
+            }
         };
         let link = crate::network::observe(store);
-        match crate::policy::plan_on(policies, store, link.as_ref()) {
-            Ok(plan) => plan.network != during.network,
+        match crate::policy::plan_on(&policies, store, link.as_ref()) {
+            Ok(plan) => plan.network != network,
             Err(error) => {
                 tracing::warn!("{error:#}; the upload stops");
                 true

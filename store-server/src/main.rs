@@ -391,18 +391,22 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs());
-            let objects = open_store(&store.dir)?;
-            let report = objects.collect_garbage(now, grace_hours.saturating_mul(3600), dry_run)?;
-            // Compaction appends to segments, which only one process may do: a
-            // running server compacts by itself within the hour.
-            let compacted = if dry_run {
+            // Compaction appends to segments, which only the one process holding
+            // serve.lock may do: a running server compacts by itself within the
+            // hour. The lock is taken before the store is opened (where the store
+            // learns the end of the newest segment) and held to the end.
+            let lock = if dry_run {
                 None
             } else {
-                match serve_lock(&store.dir)? {
-                    Ok(_lock) => Some(objects.compact()?),
-                    Err(_) => None,
-                }
+                serve_lock(&store.dir)?.ok()
             };
+            let objects = open_store(&store.dir)?;
+            let report = objects.collect_garbage(now, grace_hours.saturating_mul(3600), dry_run)?;
+            let compacted = match &lock {
+                Some(_) => Some(objects.compact()?),
+                None => None,
+            };
+            drop(lock);
             if json {
                 println!(
                     "{}",
@@ -494,8 +498,9 @@ fn serve(dir: &Path, listen: std::net::SocketAddr, gc_grace: u64) -> anyhow::Res
     // it knows where the segment ends. The lock goes when the process does.
     let _lock = serve_lock(dir)?.map_err(|errno| {
         anyhow::anyhow!(
-            "another `homing-store serve` runs on {} ({errno}); stop it first",
-            dir.display()
+            "another process holds {} ({errno}): another `homing-store serve` on this store \
+             (stop it first), or a `homing-store gc` compacting it (wait for it to end)",
+            dir.join("serve.lock").display()
         )
     })?;
     let server =

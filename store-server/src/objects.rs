@@ -1381,11 +1381,10 @@ impl<B: Backend> ObjectStore<B> {
             for entry in objects.iter().map_err(index)? {
                 let (key, value) = entry.map_err(index)?;
                 let (account, id) = split_key(key.value());
-                let record = decode_record(value.value());
-                *referenced.entry(record.segment).or_default() += u64::from(record.len);
+                let mut record = decode_record(value.value());
                 report.objects += 1;
                 report.bytes += u64::from(record.len);
-                let mut record = record;
+                let mut gone = false;
                 let problem = loop {
                     let Some(problem) = self.problem(&record) else {
                         break None;
@@ -1395,10 +1394,17 @@ impl<B: Backend> ObjectStore<B> {
                     match self.record(&account, &id) {
                         Ok(now) if now != record => record = now,
                         Ok(_) => break Some(problem),
-                        Err(StoreError::ObjectMissing { .. }) => break None,
+                        Err(StoreError::ObjectMissing { .. }) => {
+                            gone = true;
+                            break None;
+                        }
                         Err(error) => return Err(error),
                     }
                 };
+                // Counted where it is now, so that a move does not show as dead space.
+                if !gone {
+                    *referenced.entry(record.segment).or_default() += u64::from(record.len);
+                }
                 if let Some(problem) = problem {
                     report.damaged.push(Damage {
                         account,
@@ -1543,46 +1549,47 @@ impl<B: Backend> ObjectStore<B> {
                     Ok(bytes) if *blake3::hash(&bytes).as_bytes() == record.checksum => {
                         read.push((key, record, bytes));
                     }
-                    _ => {
+                    // Damage, unless the object went meanwhile (a collection in
+                    // another process): then there is nothing to move or to name.
+                    _ if self.current_record(key)?.as_ref() == Some(record) => {
                         report.damaged_left += 1;
                         keep.insert(record.segment);
                     }
+                    _ => {}
                 }
             }
             if read.is_empty() {
                 continue;
             }
+            // The copies are appended (and synced) before the index transaction
+            // begins, so that other processes' index writes do not wait for the
+            // sync; a copy whose record changed meanwhile is dead space.
             let mut writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+            let parts: Vec<&[u8]> = read.iter().map(|(_, _, bytes)| bytes.as_slice()).collect();
+            let (segment, base) = writer.append(&self.backend, &parts)?;
             let txn = self.db.begin_write().map_err(index)?;
             {
                 let mut table = txn.open_table(OBJECTS).map_err(index)?;
-                // Deleted or moved meanwhile (a collection in another process): left alone.
-                let mut still = Vec::with_capacity(read.len());
-                for entry in read {
+                let mut offset = base;
+                for (key, record, bytes) in &read {
+                    let at = offset;
+                    offset += bytes.len() as u64;
+                    // Deleted or moved meanwhile: left alone.
                     let now = table
-                        .get(entry.0.as_slice())
+                        .get(key.as_slice())
                         .map_err(index)?
                         .map(|v| decode_record(v.value()));
-                    if now.as_ref() == Some(entry.1) {
-                        still.push(entry);
+                    if now.as_ref() != Some(*record) {
+                        continue;
                     }
-                }
-                if still.is_empty() {
-                    continue;
-                }
-                let parts: Vec<&[u8]> =
-                    still.iter().map(|(_, _, bytes)| bytes.as_slice()).collect();
-                let (segment, mut offset) = writer.append(&self.backend, &parts)?;
-                for (key, record, bytes) in &still {
                     let moved = Record {
                         segment,
-                        offset,
+                        offset: at,
                         ..**record
                     };
                     table
                         .insert(key.as_slice(), encode_record(&moved).as_slice())
                         .map_err(index)?;
-                    offset += bytes.len() as u64;
                     report.objects_moved += 1;
                     report.bytes_moved += bytes.len() as u64;
                 }
@@ -1619,6 +1626,16 @@ impl<B: Backend> ObjectStore<B> {
             *usage.entry(record.segment).or_default() += u64::from(record.len);
         }
         Ok(usage)
+    }
+
+    /// The record of the object under index key `key` now, if any.
+    fn current_record(&self, key: &[u8]) -> Result<Option<Record>, StoreError> {
+        let txn = self.db.begin_read().map_err(index)?;
+        let objects = txn.open_table(OBJECTS).map_err(index)?;
+        Ok(objects
+            .get(key)
+            .map_err(index)?
+            .map(|v| decode_record(v.value())))
     }
 
     fn record(&self, account: &str, id: &ObjectId) -> Result<Record, StoreError> {

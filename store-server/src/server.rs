@@ -250,24 +250,29 @@ impl<B: Backend + 'static> Server<B> {
                 let now = unix_now();
                 let report = server.store.collect_garbage(now, server.gc_grace, false)?;
                 let expired = server.store.expire_partials(now, PARTIAL_MAX_AGE)?;
-                let compacted = server.store.compact()?;
-                Ok::<_, StoreError>((report, expired, compacted))
-            })
-            .await;
-            match done {
-                Ok(Ok((report, expired, compacted))) => tracing::info!(
+                tracing::info!(
                     forgotten = report.snapshots_forgotten.len(),
                     deleted = report.objects_deleted,
                     bytes = report.bytes_freed,
                     waiting = report.objects_waiting,
                     segments = report.segments_deleted,
+                    disk_freed = report.segment_bytes_freed,
                     partials = expired,
-                    compacted = compacted.segments_compacted,
-                    moved = compacted.bytes_moved,
-                    disk_freed = report.segment_bytes_freed + compacted.segment_bytes_freed,
-                    damaged_left = compacted.damaged_left,
                     "garbage collected"
-                ),
+                );
+                let compacted = server.store.compact()?;
+                tracing::info!(
+                    segments = compacted.segments_compacted,
+                    moved = compacted.bytes_moved,
+                    disk_freed = compacted.segment_bytes_freed,
+                    damaged_left = compacted.damaged_left,
+                    "segments compacted"
+                );
+                Ok::<_, StoreError>(())
+            })
+            .await;
+            match done {
+                Ok(Ok(())) => {}
                 Ok(Err(error)) => tracing::error!(%error, "garbage collection failed"),
                 Err(error) => tracing::error!(%error, "garbage collection panicked"),
             }
@@ -518,7 +523,7 @@ impl<B: Backend + 'static> Server<B> {
             tokio::task::block_in_place(|| {
                 self.store_batch(&session.client.account, &batch, out);
             });
-            session.spare = Some(batch);
+            session.keep(batch);
         }
         Ok(())
     }
@@ -829,8 +834,14 @@ struct Session {
 
 impl Session {
     /// Takes the answers of a batch that was stored, and keeps its memory.
-    fn stored(&mut self, (answers, mut batch): (Vec<u8>, Batch), out: &mut Vec<u8>) {
+    fn stored(&mut self, (answers, batch): (Vec<u8>, Batch), out: &mut Vec<u8>) {
         out.extend_from_slice(&answers);
+        self.keep(batch);
+    }
+
+    /// Keeps a stored batch's memory for a later one, emptied: its objects are
+    /// answered, and must never be stored or answered again.
+    fn keep(&mut self, mut batch: Batch) {
         batch.clear();
         self.spare = Some(batch);
     }

@@ -885,7 +885,7 @@ fn a_second_server_on_the_same_store_refuses_to_start() {
     assert!(!second.status.success());
     let message = String::from_utf8_lossy(&second.stderr);
     assert!(
-        message.contains("another `homing-store serve` runs"),
+        message.contains("another `homing-store serve` on this store"),
         "{message}"
     );
 }

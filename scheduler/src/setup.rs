@@ -525,9 +525,13 @@ fn ensure_server(binary: &Path, store_dir: &Path, address: &str) -> anyhow::Resu
 /// A set this client never committed; database errors.
 pub fn forget_set(paths: &Paths, name: &str) -> anyhow::Result<ExitCode> {
     let db = crate::state::open(&paths.state)?;
-    let heads = crate::state::set_heads(&db)?;
-    if !heads.contains_key(name) {
-        let known: Vec<&str> = heads.keys().map(String::as_str).collect();
+    // Sets committed, and sets scanned whose data waits in the spool, never
+    // committed.
+    let mut known: std::collections::BTreeSet<String> =
+        crate::state::set_heads(&db)?.into_keys().collect();
+    known.extend(crate::state::scanned_sets(&db)?);
+    if !known.contains(name) {
+        let known: Vec<&str> = known.iter().map(String::as_str).collect();
         bail!(
             "no set `{name}` was ever backed up by this client (it has: {})",
             if known.is_empty() {
@@ -537,6 +541,7 @@ pub fn forget_set(paths: &Paths, name: &str) -> anyhow::Result<ExitCode> {
             }
         );
     }
+    let mut spool = crate::spool::Spool::open(&db, &paths.state)?;
     let txn = db.begin_write()?;
     txn.open_table(crate::state::SETS)?.remove(name)?;
     for table in [0, 1] {
@@ -546,11 +551,25 @@ pub fn forget_set(paths: &Paths, name: &str) -> anyhow::Result<ExitCode> {
     let index = crate::state::index_name(name);
     txn.delete_table(crate::state::index_table(&index))?;
     crate::state::set_refs_head(&txn, None)?;
+    // What the set sealed and never uploaded would otherwise still go, over
+    // whatever link, for nothing. (The spool was opened before this transaction:
+    // opening it may write.)
+    let unneeded = crate::spool::referenced_by_no_set(&txn)?;
+    let (dropped, emptied) = spool.release(&txn, &unneeded)?;
     txn.commit()?;
+    spool.delete_emptied(&emptied)?;
     println!(
         "Set `{name}` is forgotten: the next snapshot no longer carries it, and once \
          retention drops the snapshots that do, the store frees its data."
     );
+    if !unneeded.is_empty() {
+        println!(
+            "{} objects ({}) that only it had left in the spool were dropped: they will not \
+             be uploaded.",
+            unneeded.len(),
+            crate::commands::human_bytes(dropped)
+        );
+    }
     if Config::load(&paths.config).is_ok_and(|c| c.sets.iter().any(|s| s.name == name)) {
         println!(
             "It is still in {}: remove it there, or the next backup makes it again.",

@@ -503,6 +503,41 @@ impl Spool {
     }
 }
 
+/// The spooled objects that no set's reference table names (neither the
+/// references of its last commit nor those of its last scan): after a set is
+/// forgotten, what only it needed. Another set's next scan seals again what it
+/// finds it needs.
+///
+/// # Errors
+/// Database errors.
+pub fn referenced_by_no_set(txn: &WriteTransaction) -> anyhow::Result<Vec<ObjectId>> {
+    let names: Vec<String> = txn
+        .list_tables()?
+        .map(|t| t.name().to_string())
+        .filter(|name| name.starts_with("refs/"))
+        .collect();
+    let mut tables = Vec::with_capacity(names.len());
+    for name in &names {
+        tables.push(txn.open_table(state::refs_table(name))?);
+    }
+    let mut unneeded = Vec::new();
+    for item in txn.open_table(SPOOL_AT)?.iter()? {
+        let (id, _) = item?;
+        let id = id.value();
+        let mut needed = false;
+        for table in &tables {
+            if table.get(id)?.is_some() {
+                needed = true;
+                break;
+            }
+        }
+        if !needed {
+            unneeded.push(ObjectId::from_bytes(*id));
+        }
+    }
+    Ok(unneeded)
+}
+
 /// The ids whose bytes are in any of `numbers`' files, in `txn`.
 ///
 /// # Errors

@@ -129,6 +129,24 @@ pub fn refs_table_name(set: &str, table: u8) -> String {
     format!("refs/{set}/{table}")
 }
 
+/// The sets that have reference tables: every set scanned since its data was
+/// last forgotten, committed or not.
+///
+/// # Errors
+/// Database errors.
+pub fn scanned_sets(db: &Database) -> anyhow::Result<std::collections::BTreeSet<String>> {
+    let txn = db.begin_read()?;
+    let mut sets = std::collections::BTreeSet::new();
+    for table in txn.list_tables()? {
+        if let Some(rest) = table.name().strip_prefix("refs/")
+            && let Some((set, _)) = rest.rsplit_once('/')
+        {
+            sets.insert(set.to_string());
+        }
+    }
+    Ok(sets)
+}
+
 /// The reference table named `name` (from [`refs_table_name`]).
 pub fn refs_table(name: &str) -> TableDefinition<'_, &'static [u8; 32], ()> {
     TableDefinition::new(name)

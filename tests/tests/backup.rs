@@ -1226,6 +1226,59 @@ fn every_snapshot_carries_every_set_so_retention_keeps_them_all() {
 }
 
 #[test]
+fn forgetting_a_set_drops_what_only_it_left_in_the_spool() {
+    let mut rig = Rig::new("0");
+    let docs = rig.dir("docs");
+    let music = rig.dir("music");
+    let letter = bytes(3, 200_000, false);
+    fs::write(docs.join("letter.bin"), &letter).unwrap();
+    fs::write(music.join("song.bin"), bytes(4, 3 << 20, false)).unwrap();
+    // A file both sets hold: its objects stay, docs needs them.
+    fs::write(music.join("letter-copy.bin"), &letter).unwrap();
+    let docs_state = describe(&docs);
+    rig.add_set("docs", &docs, "normal");
+    rig.add_set("music", &music, "normal");
+    // Away from the store: both sets are sealed into the spool.
+    rig.stop();
+    let away = rig.homing(&["backup", "--json"]);
+    assert_eq!(away.status.code(), Some(3), "{}", stderr(&away));
+    let queued = |rig: &Rig| -> u64 {
+        let report: serde_json::Value =
+            serde_json::from_str(&ok(rig.homing(&["report", "--json"]))).unwrap();
+        report["queued_bytes"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{report}"))
+    };
+    assert!(queued(&rig) > 3 << 20, "{}", queued(&rig));
+    let config = fs::read_to_string(rig.config.join("config.toml")).unwrap();
+    let at = config.find("[[set]]\nname = \"music\"").unwrap();
+    fs::write(rig.config.join("config.toml"), &config[..at]).unwrap();
+    let said = ok(rig.homing(&["forget-set", "music"]));
+    assert!(said.contains("will not be uploaded"), "{said}");
+    // What waits is docs' alone: the letter, its tree.
+    let left = queued(&rig);
+    assert!((200_000..300_000).contains(&left), "{left}");
+    rig.start();
+    let home = rig.homing(&["backup", "--json"]);
+    assert!(home.status.success(), "{}", stderr(&home));
+    let summary: serde_json::Value = serde_json::from_slice(&home.stdout).unwrap();
+    let sent: u64 = summary
+        .as_array()
+        .map_or_else(|| vec![summary.clone()], Clone::clone)
+        .iter()
+        .map(|s| s["bytes_uploaded"].as_u64().unwrap_or(0))
+        .sum();
+    assert!(
+        sent < 300_000,
+        "the forgotten set's data went: {sent}\n{summary}"
+    );
+    let target = rig.dir("target");
+    let out = rig.restore("latest", &target);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_same(&docs_state, &describe(&restored(&target, &docs)));
+}
+
+#[test]
 fn a_link_policy_caps_what_a_backup_sends_and_the_rest_waits_in_the_spool() {
     let rig = Rig::new("0");
     let src = rig.dir("src");

@@ -861,6 +861,12 @@ struct Batch {
 
 impl Batch {
     fn push(&mut self, id: ObjectId, data: &[u8]) {
+        if self.data.capacity() == 0 {
+            // Room for a full batch at once: growing by doubling would copy the
+            // batch again and leave up to twice that reserved per batch. Only the
+            // pages written are ever backed by memory.
+            self.data.reserve_exact(MAX_BATCH + MAX_FRAME_PAYLOAD);
+        }
         self.data.extend_from_slice(data);
         self.objects.push((id, self.data.len()));
     }

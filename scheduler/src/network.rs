@@ -15,6 +15,8 @@ use std::net::{IpAddr, ToSocketAddrs};
 use homing_policy::Observation;
 
 #[cfg(target_os = "linux")]
+mod events;
+#[cfg(target_os = "linux")]
 pub mod nm;
 
 /// The link to `store` (`host:port`), as far as it can be seen. `None` when the
@@ -589,11 +591,16 @@ mod platform_watch {
             .name("netlink".into())
             .spawn(move || {
                 let mut buffer = vec![0_u8; 64 * 1024];
+                let mut filter = super::events::Filter::default();
                 loop {
                     match socket.recv(&mut &mut buffer[..], 0) {
-                        // What changed is read from the tables again: any event
-                        // is a reason to look.
-                        Ok(_) => changed(),
+                        // What changed is read from the tables again; a neighbour
+                        // refresh changes nothing there.
+                        Ok(read) => {
+                            if filter.worth_a_look(&buffer[..read.min(buffer.len())]) {
+                                changed();
+                            }
+                        }
                         // ENOBUFS: events were lost; look anyway.
                         Err(error)
                             if error.raw_os_error() == Some(nix::errno::Errno::ENOBUFS as i32) =>

@@ -212,6 +212,13 @@ pub struct CompactReport {
 /// A segment is compacted when less than this share of it (in 1/100) is live.
 const COMPACT_BELOW_PERCENT: u64 = 50;
 
+/// Records one compaction holds in memory at most (about 100 bytes each), but
+/// always those of one segment; the other candidates wait for the next run.
+#[cfg(not(test))]
+const COMPACT_RECORDS: usize = 200_000;
+#[cfg(test)]
+const COMPACT_RECORDS: usize = 4;
+
 /// Objects are moved in groups of about this many bytes, each under the writer
 /// lock for one append and one index transaction: uploads wait at most that long.
 const COMPACT_GROUP: u64 = 8 * 1024 * 1024;
@@ -1515,7 +1522,12 @@ impl<B: Backend> ObjectStore<B> {
         if lengths.is_empty() {
             return Ok(report);
         }
-        let mut moving: Vec<(Vec<u8>, Record)> = Vec::new();
+        // The records to move, by segment. Memory is bounded: past
+        // `COMPACT_RECORDS`, the highest-numbered candidates wait for the next run
+        // (the lowest one is always kept, however many objects it holds).
+        let mut lengths = lengths;
+        let mut by_segment: BTreeMap<u64, Vec<(Vec<u8>, Record)>> = BTreeMap::new();
+        let mut held = 0;
         {
             let txn = self.db.begin_read().map_err(index)?;
             for item in txn
@@ -1526,11 +1538,22 @@ impl<B: Backend> ObjectStore<B> {
             {
                 let (key, value) = item.map_err(index)?;
                 let record = decode_record(value.value());
-                if lengths.contains_key(&record.segment) {
-                    moving.push((key.value().to_vec(), record));
+                if !lengths.contains_key(&record.segment) {
+                    continue;
+                }
+                by_segment
+                    .entry(record.segment)
+                    .or_default()
+                    .push((key.value().to_vec(), record));
+                held += 1;
+                while held > COMPACT_RECORDS && by_segment.len() > 1 {
+                    let (later, records) = by_segment.pop_last().expect("more than one");
+                    held -= records.len();
+                    lengths.remove(&later);
                 }
             }
         }
+        let mut moving: Vec<(Vec<u8>, Record)> = by_segment.into_values().flatten().collect();
         moving.sort_by_key(|(_, record)| (record.segment, record.offset));
         let mut keep = BTreeSet::new();
         let mut rest = &moving[..];

@@ -960,3 +960,37 @@ fn compaction_moves_live_objects_out_of_dead_segments_and_leaves_damage_to_check
     );
     assert_eq!(store.account("alice").unwrap().objects, 8);
 }
+
+#[test]
+fn compaction_holds_a_bounded_number_of_records_and_does_the_rest_next_time() {
+    let fixture = Fixture::new();
+    let store = fixture.open().with_segment_target(4096);
+    store.add_account("alice", 0, 0).unwrap();
+    // Segments 1 to 3 of five objects each, and 16 in the newest.
+    let objects: Vec<(ObjectId, Vec<u8>)> = (1..=16).map(|n| (id(n), object(n, 1000))).collect();
+    for (n, data) in &objects {
+        store.put_whole("alice", &[(*n, data.as_slice())]).unwrap();
+    }
+    // Two live objects in each old segment: six records to move, more than the
+    // four (in tests) one run holds.
+    let kept: Vec<ObjectId> = [2, 7, 8, 12, 13, 16].map(id).to_vec();
+    store
+        .commit("alice", &id(1), None, &whole(&kept), 1000)
+        .unwrap();
+    store.collect_garbage(2000, 0, false).unwrap();
+    let first = store.compact().unwrap();
+    assert_eq!(first.segments_compacted, 2, "{first:?}");
+    // Segments 1 and 2 (objects 1, 2, 7 and 8): segment 3 would pass the bound.
+    assert_eq!(first.objects_moved, 4, "{first:?}");
+    let second = store.compact().unwrap();
+    assert_eq!(second.segments_compacted, 1, "{second:?}");
+    assert_eq!(second.objects_moved, 2, "{second:?}");
+    assert_eq!(store.compact().unwrap(), CompactReport::default());
+    for n in [1, 2, 7, 8, 12, 13, 16] {
+        assert_eq!(
+            store.read("alice", &id(n), 0, 1000).unwrap().1,
+            objects[n as usize - 1].1
+        );
+    }
+    assert!(store.check(false).unwrap().damaged.is_empty());
+}

@@ -8,6 +8,7 @@ mod key;
 mod link;
 mod policy;
 mod serve;
+mod service;
 mod store;
 mod unimplemented;
 

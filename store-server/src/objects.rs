@@ -1509,7 +1509,7 @@ impl<B: Backend> ObjectStore<B> {
             .unwrap_or_else(|p| p.into_inner())
             .segment;
         let live = self.segment_usage()?;
-        let lengths: HashMap<u64, u64> = self
+        let mut lengths: HashMap<u64, u64> = self
             .backend
             .list()?
             .into_iter()
@@ -1525,34 +1525,23 @@ impl<B: Backend> ObjectStore<B> {
         // The records to move, by segment. Memory is bounded: past
         // `COMPACT_RECORDS`, the highest-numbered candidates wait for the next run
         // (the lowest one is always kept, however many objects it holds).
-        let mut lengths = lengths;
         let mut by_segment: BTreeMap<u64, Vec<(Vec<u8>, Record)>> = BTreeMap::new();
         let mut held = 0;
-        {
-            let txn = self.db.begin_read().map_err(index)?;
-            for item in txn
-                .open_table(OBJECTS)
-                .map_err(index)?
-                .iter()
-                .map_err(index)?
-            {
-                let (key, value) = item.map_err(index)?;
-                let record = decode_record(value.value());
-                if !lengths.contains_key(&record.segment) {
-                    continue;
-                }
-                by_segment
-                    .entry(record.segment)
-                    .or_default()
-                    .push((key.value().to_vec(), record));
-                held += 1;
-                while held > COMPACT_RECORDS && by_segment.len() > 1 {
-                    let (later, records) = by_segment.pop_last().expect("more than one");
-                    held -= records.len();
-                    lengths.remove(&later);
-                }
+        self.each_record(|key, record| {
+            if !lengths.contains_key(&record.segment) {
+                return;
             }
-        }
+            by_segment
+                .entry(record.segment)
+                .or_default()
+                .push((key.to_vec(), record));
+            held += 1;
+            while held > COMPACT_RECORDS && by_segment.len() > 1 {
+                let (later, records) = by_segment.pop_last().expect("more than one");
+                held -= records.len();
+                lengths.remove(&later);
+            }
+        })?;
         let mut moving: Vec<(Vec<u8>, Record)> = by_segment.into_values().flatten().collect();
         moving.sort_by_key(|(_, record)| (record.segment, record.offset));
         let mut keep = BTreeSet::new();
@@ -1638,6 +1627,15 @@ impl<B: Backend> ObjectStore<B> {
     /// records none in is absent), read afresh.
     fn segment_usage(&self) -> Result<BTreeMap<u64, u64>, StoreError> {
         let mut usage = BTreeMap::new();
+        self.each_record(|_, record| {
+            *usage.entry(record.segment).or_default() += u64::from(record.len);
+        })?;
+        Ok(usage)
+    }
+
+    /// Calls `visit` with the key and record of every stored object, from one
+    /// read transaction.
+    fn each_record(&self, mut visit: impl FnMut(&[u8], Record)) -> Result<(), StoreError> {
         let txn = self.db.begin_read().map_err(index)?;
         for item in txn
             .open_table(OBJECTS)
@@ -1645,10 +1643,10 @@ impl<B: Backend> ObjectStore<B> {
             .iter()
             .map_err(index)?
         {
-            let record = decode_record(item.map_err(index)?.1.value());
-            *usage.entry(record.segment).or_default() += u64::from(record.len);
+            let (key, value) = item.map_err(index)?;
+            visit(key.value(), decode_record(value.value()));
         }
-        Ok(usage)
+        Ok(())
     }
 
     /// The record of the object under index key `key` now, if any.

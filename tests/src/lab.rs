@@ -212,20 +212,11 @@ pub fn rig(lab: &Lab, policy: &str) -> Rig {
         assert!(line.starts_with("listening on"), "{line}");
     }
     let config = home.path().join("client");
-    let init = run(lab.homing(&config).args([
-        "init",
-        "--store",
+    let init = run(lab.homing(&config).args(crate::init_args(
         &format!("{server_ip}:7473"),
-        "--server-name",
         &server_ip,
-        "--ca",
-        &format!("{p}-ca.crt"),
-        "--cert",
-        &format!("{p}.crt"),
-        "--key",
-        &format!("{p}.key"),
-        "--no-passphrase",
-    ]));
+        p,
+    )));
     assert!(
         init.status.success(),
         "{}",

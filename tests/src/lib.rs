@@ -56,6 +56,28 @@ fn build() -> PathBuf {
     dir
 }
 
+/// The arguments of `homing init` for a client of the store at `address` (whose
+/// certificate names `server_name`) with the files `homing-store ca issue ...
+/// --out PREFIX` wrote, and a key without a passphrase.
+pub fn init_args(address: &str, server_name: &str, prefix: &str) -> Vec<String> {
+    [
+        "init",
+        "--store",
+        address,
+        "--server-name",
+        server_name,
+        "--ca",
+        &format!("{prefix}-ca.crt"),
+        "--cert",
+        &format!("{prefix}.crt"),
+        "--key",
+        &format!("{prefix}.key"),
+        "--no-passphrase",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
 /// Runs `homing-store` with the arguments; requires success and returns stdout.
 ///
 /// # Panics

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, SystemTime};
 
-use homing_e2e::binary;
+use homing_e2e::{binary, init_args};
 
 use super::{homing, homing_store as store_cmd, ok, stderr, stdout};
 
@@ -43,23 +43,7 @@ impl Rig {
             server: None,
         };
         let address = rig.start();
-        ok(homing(
-            &rig.config,
-            &[
-                "init",
-                "--store",
-                &address,
-                "--server-name",
-                "localhost",
-                "--ca",
-                &format!("{p}-ca.crt"),
-                "--cert",
-                &format!("{p}.crt"),
-                "--key",
-                &format!("{p}.key"),
-                "--no-passphrase",
-            ],
-        ));
+        ok(homing(&rig.config, &init_args(&address, "localhost", p)));
         rig
     }
 
@@ -98,6 +82,20 @@ impl Rig {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// Writes a network policy file `name` into the client's policy directory
+    /// (made if missing); returns the directory.
+    fn policy(&self, name: &str, text: &str) -> PathBuf {
+        let policies = self.config.join("policies");
+        fs::create_dir_all(&policies).expect("the policy directory");
+        fs::write(policies.join(name), text).expect("a policy file");
+        policies
+    }
+
+    /// `homing report --json`.
+    fn report(&self) -> serde_json::Value {
+        serde_json::from_str(&ok(self.homing(&["report", "--json"]))).expect("a JSON report")
     }
 
     /// Adds a backup set to the client's configuration.
@@ -1243,8 +1241,7 @@ fn forgetting_a_set_drops_what_only_it_left_in_the_spool() {
     let away = rig.homing(&["backup", "--json"]);
     assert_eq!(away.status.code(), Some(3), "{}", stderr(&away));
     let queued = |rig: &Rig| -> u64 {
-        let report: serde_json::Value =
-            serde_json::from_str(&ok(rig.homing(&["report", "--json"]))).unwrap();
+        let report = rig.report();
         report["queued_bytes"]
             .as_u64()
             .unwrap_or_else(|| panic!("{report}"))
@@ -1286,13 +1283,10 @@ fn a_link_policy_caps_what_a_backup_sends_and_the_rest_waits_in_the_spool() {
     let state = describe(&src);
     // The store is on this machine; a policy that names the loopback interface
     // applies to it (otherwise the loopback link has no cap).
-    let policies = rig.config.join("policies");
-    fs::create_dir(&policies).unwrap();
-    fs::write(
-        policies.join("tiny.toml"),
+    let policies = rig.policy(
+        "tiny.toml",
         "[match]\ninterface = \"lo\"\n\n[budget]\nbytes = \"400 kB\"\nperiod = \"day\"\n",
-    )
-    .unwrap();
+    );
     let first = rig.backup_output(&[&src]);
     assert_eq!(first.status.code(), Some(3), "{}", stderr(&first));
     assert!(
@@ -1318,8 +1312,7 @@ fn a_link_policy_caps_what_a_backup_sends_and_the_rest_waits_in_the_spool() {
     assert!(stored > 100_000, "{stored}");
     assert_eq!(info(&rig)["snapshots"], 0);
     // The cap report shows the network, what it spent, and the queue.
-    let report: serde_json::Value =
-        serde_json::from_str(&ok(rig.homing(&["report", "--json"]))).unwrap();
+    let report = rig.report();
     let tiny = report["networks"]
         .as_array()
         .unwrap()
@@ -1469,14 +1462,11 @@ fn a_link_that_carries_critical_sets_only_leaves_bulk_data_in_the_spool() {
     fs::write(media.join("film.bin"), bytes(77, 3 << 20, false)).unwrap();
     rig.add_set("docs", &docs, "critical");
     rig.add_set("media", &media, "bulk");
-    let policies = rig.config.join("policies");
-    fs::create_dir(&policies).unwrap();
     // Media first: what it seals must not ride along with the critical set.
-    fs::write(
-        policies.join("narrow.toml"),
+    let policies = rig.policy(
+        "narrow.toml",
         "[match]\ninterface = \"lo\"\n\n[link]\nclasses = [\"critical\"]\n",
-    )
-    .unwrap();
+    );
     let out = rig.homing(&["backup", "--set", "media", "--json"]);
     assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
     assert!(
@@ -1585,23 +1575,7 @@ fn a_store_that_swaps_objects_or_serves_another_accounts_is_caught() {
         })
         .unwrap();
     let o = other.to_str().unwrap();
-    ok(homing(
-        &other_config,
-        &[
-            "init",
-            "--store",
-            &address,
-            "--server-name",
-            "localhost",
-            "--ca",
-            &format!("{o}-ca.crt"),
-            "--cert",
-            &format!("{o}.crt"),
-            "--key",
-            &format!("{o}.key"),
-            "--no-passphrase",
-        ],
-    ));
+    ok(homing(&other_config, &init_args(&address, "localhost", o)));
     let theirs = rig.dir("theirs");
     fs::write(theirs.join("x"), bytes(99, 300_000, false)).unwrap();
     let out = homing(
@@ -1730,13 +1704,10 @@ fn a_budget_that_runs_out_was_spent_on_the_critical_set_first() {
     rig.start();
     // Home, but over a link whose budget covers a quarter of what waits: the
     // media set's run uploads the spool, and the budget runs out.
-    let policies = rig.config.join("policies");
-    fs::create_dir(&policies).unwrap();
-    fs::write(
-        policies.join("tiny.toml"),
+    let policies = rig.policy(
+        "tiny.toml",
         "[match]\ninterface = \"lo\"\n\n[budget]\nbytes = \"600 kB\"\nperiod = \"day\"\n",
-    )
-    .unwrap();
+    );
     let capped = rig.homing(&["backup", "--set", "media", "--json"]);
     assert_eq!(capped.status.code(), Some(3), "{}", stderr(&capped));
     assert!(
@@ -1747,8 +1718,7 @@ fn a_budget_that_runs_out_was_spent_on_the_critical_set_first() {
     // It was spent on the critical set's objects first: the report shows only
     // bulk data waiting, and over a link that carries critical sets only, the
     // docs set has nothing left to send.
-    let report: serde_json::Value =
-        serde_json::from_str(&ok(rig.homing(&["report", "--json"]))).unwrap();
+    let report = rig.report();
     assert_eq!(report["queued_by_class"]["critical"], 0, "{report}");
     assert!(
         report["queued_by_class"]["bulk"].as_u64().unwrap() > 1_000_000,
@@ -1776,13 +1746,7 @@ fn the_daemon_runs_on_the_last_good_policies_while_a_file_is_broken() {
     let src = rig.dir("src");
     fs::write(src.join("a.txt"), "first\n").unwrap();
     rig.add_set("home", &src, "normal");
-    let policies = rig.config.join("policies");
-    fs::create_dir(&policies).unwrap();
-    fs::write(
-        policies.join("this-machine.toml"),
-        "[match]\ninterface = \"lo\"\n",
-    )
-    .unwrap();
+    let policies = rig.policy("this-machine.toml", "[match]\ninterface = \"lo\"\n");
     let mut daemon = rig.daemon();
     let wait_for_runs = |runs: u64| rig.after_runs(runs);
     let first = wait_for_runs(1);

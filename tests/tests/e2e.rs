@@ -18,11 +18,11 @@ use std::process::{Command, Output, Stdio};
 use homing_e2e::{binary, homing_store};
 
 /// Runs `homing` with `--config DIR` and the arguments, with no terminal on stdin.
-fn homing(config: &Path, args: &[&str]) -> Output {
+fn homing<S: AsRef<std::ffi::OsStr>>(config: &Path, args: &[S]) -> Output {
     homing_with_stdin(config, args, "")
 }
 
-fn homing_with_stdin(config: &Path, args: &[&str], stdin: &str) -> Output {
+fn homing_with_stdin<S: AsRef<std::ffi::OsStr>>(config: &Path, args: &[S], stdin: &str) -> Output {
     use std::io::Write;
     let mut child = Command::new(binary("homing"))
         .arg("--config")

@@ -8,6 +8,9 @@ use homing_crypto::ObjectId;
 use super::*;
 use crate::backend::{Fault, FaultyBackend, LocalBackend};
 
+/// The store every test opens: local segments behind the fault injector.
+type TestStore = ObjectStore<FaultyBackend<LocalBackend>>;
+
 struct Fixture {
     dir: tempfile::TempDir,
 }
@@ -19,7 +22,7 @@ impl Fixture {
         }
     }
 
-    fn open(&self) -> ObjectStore<FaultyBackend<LocalBackend>> {
+    fn open(&self) -> TestStore {
         let backend =
             FaultyBackend::new(LocalBackend::open(&self.dir.path().join("segments")).unwrap());
         ObjectStore::open(self.dir.path(), backend).unwrap()
@@ -874,16 +877,23 @@ fn garbage_waits_out_its_grace_period_and_uploads_in_flight_survive() {
     assert!(store.check(false).unwrap().lost.is_empty());
 }
 
-#[test]
-fn compaction_moves_live_objects_out_of_dead_segments_and_leaves_damage_to_check() {
-    let fixture = Fixture::new();
-    // 5 objects of 1000 bytes fill a segment of 4096 bytes and start the next.
+/// A store of small segments (4 096 bytes) holding objects 1 to 16 of 1 000
+/// bytes each, one upload apiece: 1-5 in segment 1, 6-10 in 2, 11-15 in 3 and 16
+/// in the newest, 4.
+fn sixteen_in_four_segments(fixture: &Fixture) -> (TestStore, Vec<(ObjectId, Vec<u8>)>) {
     let store = fixture.open().with_segment_target(4096);
     store.add_account("alice", 0, 0).unwrap();
     let objects: Vec<(ObjectId, Vec<u8>)> = (1..=16).map(|n| (id(n), object(n, 1000))).collect();
     for (n, data) in &objects {
         store.put_whole("alice", &[(*n, data.as_slice())]).unwrap();
     }
+    (store, objects)
+}
+
+#[test]
+fn compaction_moves_live_objects_out_of_dead_segments_and_leaves_damage_to_check() {
+    let fixture = Fixture::new();
+    let (store, objects) = sixteen_in_four_segments(&fixture);
     let segment_file = |n: u64| {
         fixture
             .dir
@@ -964,13 +974,7 @@ fn compaction_moves_live_objects_out_of_dead_segments_and_leaves_damage_to_check
 #[test]
 fn compaction_holds_a_bounded_number_of_records_and_does_the_rest_next_time() {
     let fixture = Fixture::new();
-    let store = fixture.open().with_segment_target(4096);
-    store.add_account("alice", 0, 0).unwrap();
-    // Segments 1 to 3 of five objects each, and 16 in the newest.
-    let objects: Vec<(ObjectId, Vec<u8>)> = (1..=16).map(|n| (id(n), object(n, 1000))).collect();
-    for (n, data) in &objects {
-        store.put_whole("alice", &[(*n, data.as_slice())]).unwrap();
-    }
+    let (store, objects) = sixteen_in_four_segments(&fixture);
     // Two live objects in each old segment: six records to move, more than the
     // four (in tests) one run holds.
     let kept: Vec<ObjectId> = [2, 7, 8, 12, 13, 16].map(id).to_vec();

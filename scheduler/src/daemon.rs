@@ -238,18 +238,18 @@ fn main_loop(
         // asks no name server every few seconds.
         let stale = now.as_second() - looked.as_second() >= LOOK_EVERY.as_secs() as i64;
         let mut link_changed = false;
-        if event || stale || forced || due {
+        let looked_now = event || stale || forced || due;
+        if looked_now {
             looked = now;
             let seen = Config::load(&paths.config)
                 .ok()
-                .and_then(|c| crate::network::observe(&c.store.address))
-                .map(|l| l.observation);
+                .and_then(|c| crate::network::observe(&c.store.address));
             link_changed = seen != link;
             if link_changed {
                 tracing::info!(
                     link = seen
                         .as_ref()
-                        .map_or_else(|| "none".to_string(), |o| o.interface.clone()),
+                        .map_or_else(|| "none".to_string(), |l| l.observation.interface.clone()),
                     "the link to the store changed"
                 );
             }
@@ -307,7 +307,15 @@ fn main_loop(
             continue;
         }
         lock(status).running = true;
-        let outcome = run_once(paths, keys, watch, &mut last_good);
+        // A run right after a look plans on what it saw: one look (routes,
+        // NetworkManager, a name lookup) serves both.
+        let outcome = run_once(
+            paths,
+            keys,
+            watch,
+            &mut last_good,
+            looked_now.then_some(&link),
+        );
         *lock_network(&watch.during_run) = None;
         if let Err(error) = &outcome
             && crate::state::is_busy(error)
@@ -362,6 +370,7 @@ fn run_once(
     keys: &homing_crypto::KeyRing,
     watch: &RunWatch,
     last_good: &mut LastGood,
+    seen: Option<&Option<crate::network::Link>>,
 ) -> anyhow::Result<(String, Vec<serde_json::Value>, Option<String>)> {
     let config = Config::load(&paths.config)?;
     // Open for the run only: between runs other commands use the state.
@@ -384,7 +393,12 @@ fn run_once(
         },
     }
     let set = last_good.as_ref().and_then(Option::as_ref);
-    let plan = crate::policy::plan_with(set, paths, &config.store.address)?;
+    let plan = match (set, seen) {
+        (Some(set), Some(link)) => {
+            crate::policy::plan_on(set, &config.store.address, link.as_ref())?
+        }
+        _ => crate::policy::plan_with(set, paths, &config.store.address)?,
+    };
     // The network this run goes over: when the watcher sees the run would now go
     // over another, the upload stops at its next write.
     *lock_network(&watch.during_run) = Some(RunNetwork {

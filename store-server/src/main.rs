@@ -398,7 +398,15 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             let lock = if dry_run {
                 None
             } else {
-                serve_lock(&store.dir)?.ok()
+                match serve_lock(&store.dir)? {
+                    Ok(lock) => Some(lock),
+                    // Held: a server runs (or another gc compacts).
+                    Err(nix::errno::Errno::EWOULDBLOCK) => None,
+                    Err(errno) => anyhow::bail!(
+                        "cannot lock {}: {errno}",
+                        store.dir.join("serve.lock").display()
+                    ),
+                }
             };
             let objects = open_store(&store.dir)?;
             let report = objects.collect_garbage(now, grace_hours.saturating_mul(3600), dry_run)?;
@@ -496,12 +504,13 @@ fn serve(dir: &Path, listen: std::net::SocketAddr, gc_grace: u64) -> anyhow::Res
     let store = open_store(dir)?;
     // One server per store: two would append to the same segment, each believing
     // it knows where the segment ends. The lock goes when the process does.
-    let _lock = serve_lock(dir)?.map_err(|errno| {
-        anyhow::anyhow!(
+    let _lock = serve_lock(dir)?.map_err(|errno| match errno {
+        nix::errno::Errno::EWOULDBLOCK => anyhow::anyhow!(
             "another process holds {} ({errno}): another `homing-store serve` on this store \
              (stop it first), or a `homing-store gc` compacting it (wait for it to end)",
             dir.join("serve.lock").display()
-        )
+        ),
+        errno => anyhow::anyhow!("cannot lock {}: {errno}", dir.join("serve.lock").display()),
     })?;
     let server =
         std::sync::Arc::new(homing_store::server::Server::new(dir, store)?.with_gc_grace(gc_grace));

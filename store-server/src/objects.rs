@@ -1660,16 +1660,11 @@ impl<B: Backend> ObjectStore<B> {
     }
 
     fn record(&self, account: &str, id: &ObjectId) -> Result<Record, StoreError> {
-        let txn = self.db.begin_read().map_err(index)?;
-        let objects = txn.open_table(OBJECTS).map_err(index)?;
-        let value = objects
-            .get(key(account, id).as_slice())
-            .map_err(index)?
+        self.current_record(&key(account, id))?
             .ok_or_else(|| StoreError::ObjectMissing {
                 account: account.to_string(),
                 id: *id,
-            })?;
-        Ok(decode_record(value.value()))
+            })
     }
 
     fn start_partial(

@@ -237,8 +237,6 @@ pub struct Connection {
     /// Object data to send from where it lies: before the byte of `out` at the
     /// position, the range of the object's bytes.
     pieces: Vec<(usize, Arc<Vec<u8>>, std::ops::Range<usize>)>,
-    /// Bytes in `pieces`.
-    piece_bytes: usize,
     traffic: Arc<Traffic>,
     piece: usize,
 }
@@ -344,7 +342,6 @@ impl Connection {
             buffer: vec![0; 64 * 1024],
             out: Vec::new(),
             pieces: Vec::new(),
-            piece_bytes: 0,
             traffic,
             piece: MAX_PIECE,
         };
@@ -404,7 +401,6 @@ impl Connection {
             }
             out.clear();
             self.pieces.clear();
-            self.piece_bytes = 0;
         } else if !out.is_empty() {
             tls.write_all(out).await?;
             out.clear();
@@ -415,7 +411,12 @@ impl Connection {
 
     /// Bytes waiting to be sent.
     fn queued(&self) -> usize {
-        self.out.len() + self.piece_bytes
+        self.out.len()
+            + self
+                .pieces
+                .iter()
+                .map(|(_, _, range)| range.len())
+                .sum::<usize>()
     }
 
     /// Reads the next message and hands it to `accept`; an `Err(message)` from
@@ -551,7 +552,6 @@ impl Connection {
                     );
                     self.pieces
                         .push((self.out.len(), Arc::clone(&bytes), offset..end));
-                    self.piece_bytes += end - offset;
                     offset = end;
                     if offset >= bytes.len() {
                         break;
@@ -636,7 +636,6 @@ impl Connection {
         }
         self.out.clear();
         self.pieces.clear();
-        self.piece_bytes = 0;
         let drain = async {
             // Half-close the TCP connection under TLS: no close_notify (that
             // would be sending), just the end of the stream.

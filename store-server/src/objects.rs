@@ -1329,22 +1329,16 @@ impl<B: Backend> ObjectStore<B> {
         self.account(account)?;
         let mut record = self.record(account, id)?;
         let bytes = loop {
-            let read = self
-                .backend
-                .read(record.segment, record.offset, record.len)
-                .map_err(StoreError::from)
-                .and_then(|bytes| {
-                    if *blake3::hash(&bytes).as_bytes() == record.checksum {
-                        Ok(bytes)
-                    } else {
-                        Err(StoreError::Corrupt {
-                            account: account.to_string(),
-                            id: *id,
-                            segment: record.segment,
-                            offset: record.offset,
-                        })
-                    }
-                });
+            let read = match self.verified(&record) {
+                Ok(Some(bytes)) => Ok(bytes),
+                Ok(None) => Err(StoreError::Corrupt {
+                    account: account.to_string(),
+                    id: *id,
+                    segment: record.segment,
+                    offset: record.offset,
+                }),
+                Err(error) => Err(StoreError::from(error)),
+            };
             match read {
                 Ok(bytes) => break bytes,
                 Err(error) => {
@@ -1475,14 +1469,22 @@ impl<B: Backend> ObjectStore<B> {
 
     /// What is wrong with the bytes at `record`, if anything.
     fn problem(&self, record: &Record) -> Option<String> {
-        match self.backend.read(record.segment, record.offset, record.len) {
+        match self.verified(record) {
             Err(error) => Some(format!("unreadable: {error}")),
-            Ok(bytes) if *blake3::hash(&bytes).as_bytes() != record.checksum => Some(format!(
+            Ok(None) => Some(format!(
                 "checksum mismatch in segment {:016x} at offset {}",
                 record.segment, record.offset
             )),
-            Ok(_) => None,
+            Ok(Some(_)) => None,
         }
+    }
+
+    /// The bytes at `record` if they match its checksum (`None` if they do not).
+    fn verified(&self, record: &Record) -> Result<Option<Vec<u8>>, crate::backend::BackendError> {
+        let bytes = self
+            .backend
+            .read(record.segment, record.offset, record.len)?;
+        Ok((*blake3::hash(&bytes).as_bytes() == record.checksum).then_some(bytes))
     }
 
     /// Moves the live objects out of segments that are mostly dead space (less than
@@ -1557,10 +1559,8 @@ impl<B: Backend> ObjectStore<B> {
             rest = after;
             let mut read = Vec::with_capacity(group.len());
             for (key, record) in group {
-                match self.backend.read(record.segment, record.offset, record.len) {
-                    Ok(bytes) if *blake3::hash(&bytes).as_bytes() == record.checksum => {
-                        read.push((key, record, bytes));
-                    }
+                match self.verified(record) {
+                    Ok(Some(bytes)) => read.push((key, record, bytes)),
                     // Damage, unless the object went meanwhile (a collection in
                     // another process): then there is nothing to move or to name.
                     _ if self.current_record(key)?.as_ref() == Some(record) => {

@@ -419,6 +419,7 @@ fn main() {
     write(&big, &g.mixed(big_len));
     rig.backup("big", &big_dir);
     let mut sends = Vec::new();
+    let mut cpu = Vec::new();
     for _ in 0..20 {
         let at = big_len / 4 + (g.next() % (big_len as u64 / 2)) as usize;
         let mut file = fs::OpenOptions::new()
@@ -430,6 +431,7 @@ fn main() {
         drop(file);
         let summary = rig.backup("big", &big_dir);
         sends.push(num(&summary, "connection_sent") as u64);
+        cpu.push((num(&summary, "cpu_seconds") * 1000.0) as u64);
     }
     let a = median(sends.clone());
     println!(
@@ -439,7 +441,13 @@ fn main() {
         sends.iter().min().expect("20"),
         sends.iter().max().expect("20"),
     );
+    let a_cpu = median(cpu);
+    println!(
+        "    each backup of it: median {a_cpu} CPU-ms ({:.2} CPU-s/GB of the file)",
+        a_cpu as f64 / 1000.0 / (big_len as f64 / 1e9)
+    );
     report.insert("a_median_sent".into(), a.into());
+    report.insert("a_median_cpu_ms".into(), a_cpu.into());
 
     // (b) One new 1 KB file in 10k files over 500 directories.
     let small = rig.work.join("tenk");

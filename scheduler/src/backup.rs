@@ -35,10 +35,13 @@ use homing_crypto::{KeyRing, ObjectId, ObjectKind};
 use homing_transfer::client::{ClientError, Pending};
 use homing_transfer::proto::{ObjectState, WireError};
 use homing_transfer::stream::BudgetExhausted;
-use homing_transfer::{Chunker, PipelineOptions, SealedObject, Sealer, seal_stream};
+use homing_transfer::{Chunker, PipelineOptions, SealedObject, Sealer, seal_new_chunks};
 use ignore::gitignore::{Gitignore, GitignoreBuilder};
 use indicatif::{ProgressBar, ProgressStyle};
-use redb::{Database, ReadOnlyTable, ReadableDatabase, ReadableTable, WriteTransaction};
+use redb::{
+    Database, ReadOnlyTable, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition,
+    WriteTransaction,
+};
 use serde::Serialize;
 
 use crate::config::BackupSet;
@@ -639,6 +642,8 @@ struct Scan<'a> {
     set: &'a BackupSet,
     excludes: Gitignore,
     sealer: Sealer<'a>,
+    /// The buffer small files are chunked in, lent to each file's chunker.
+    chunk_buffer: Vec<u8>,
     index_name: String,
     /// Which of the set's two reference tables collects its references now.
     building: u8,
@@ -694,6 +699,7 @@ impl<'a> Scan<'a> {
             set,
             excludes,
             sealer,
+            chunk_buffer: Vec::new(),
             index_name,
             building,
             refs_name,
@@ -803,11 +809,9 @@ impl<'a> Scan<'a> {
         Ok(true)
     }
 
-    /// Puts a sealed object into the spool (unless it is there or stored).
+    /// Puts a sealed object into the spool; the caller has asked
+    /// [`Scan::have`] that it is neither there nor stored.
     fn spool(&mut self, object: &SealedObject) -> anyhow::Result<()> {
-        if self.have(&object.id)? {
-            return Ok(());
-        }
         let len = object.bytes.len() as u64;
         let class = self.run.class;
         self.txn()?;
@@ -1143,7 +1147,8 @@ impl<'a> Scan<'a> {
         let mut ids = Vec::new();
         let mut read = 0_u64;
         if len < PARALLEL_FROM {
-            let mut chunker = Chunker::new(file, self.run.keys.chunker_seed());
+            let buffer = std::mem::take(&mut self.chunk_buffer);
+            let mut chunker = Chunker::reusing(file, self.run.keys.chunker_seed(), buffer);
             while let Some((span, data)) = chunker.next_chunk()? {
                 read += u64::from(span.len);
                 let id = self.run.keys.object_id(data);
@@ -1153,18 +1158,38 @@ impl<'a> Scan<'a> {
                 }
                 ids.push(id);
             }
+            self.chunk_buffer = chunker.into_buffer();
             return Ok((ids, read));
         }
         // Large files: the parallel pipeline seals on other threads; this thread
         // puts the sealed chunks into the spool, a bounded channel between them.
+        // What the last committed state says is stored or spooled is not sealed
+        // again: a large file changed in one place costs reading and cutting, not
+        // compressing and encrypting all of it. (What this run spooled since its
+        // last commit is sealed, then found here and dropped.)
         let keys = self.run.keys;
+        let committed = self.run.db.begin_read()?;
+        let stored = optional_table(&committed, KNOWN)?;
+        let spooled = optional_table(&committed, SPOOL_AT)?;
+        let known = |id: &ObjectId| {
+            let key = id.as_bytes();
+            stored
+                .as_ref()
+                .is_some_and(|t| t.get(key).is_ok_and(|v| v.is_some()))
+                || spooled
+                    .as_ref()
+                    .is_some_and(|t| t.get(key).is_ok_and(|v| v.is_some()))
+        };
+        let known = &known;
         let (sender, receiver) = std::sync::mpsc::sync_channel(8);
         std::thread::scope(|scope| -> anyhow::Result<()> {
+            // The sender moves in: the channel ends when the sealing does.
             let sealing = scope.spawn(move || {
-                seal_stream::<_, homing_transfer::Error, _>(
+                seal_new_chunks::<_, homing_transfer::Error, _>(
                     file,
                     keys,
                     PipelineOptions::default(),
+                    known,
                     |chunk| {
                         sender
                             .send(chunk)
@@ -1181,8 +1206,20 @@ impl<'a> Scan<'a> {
                     continue;
                 }
                 read += u64::from(chunk.span.len);
-                ids.push(chunk.object.id);
-                if let Err(error) = self.spool(&chunk.object) {
+                ids.push(chunk.id);
+                let spooled = match (self.have(&chunk.id), &chunk.object) {
+                    (Ok(true), _) => Ok(()),
+                    (Ok(false), Some(object)) => self.spool(object),
+                    // Only a run that dropped its caches after a damaged spool
+                    // file forgets what it knew, and it stops.
+                    (Ok(false), None) => Err(anyhow::anyhow!(
+                        "object {} left the local state while its file was read; \
+                         run the backup again",
+                        chunk.id
+                    )),
+                    (Err(error), _) => Err(error),
+                };
+                if let Err(error) = spooled {
                     failure = Some(error);
                 }
             }
@@ -1346,6 +1383,18 @@ impl<'a> Scan<'a> {
         txn.commit()?;
         self.run.spool.delete_emptied(&emptied)?;
         Ok(freed)
+    }
+}
+
+/// A table of the committed state, or `None` if no transaction made it yet.
+fn optional_table<K: redb::Key + 'static, V: redb::Value + 'static>(
+    txn: &ReadTransaction,
+    table: TableDefinition<K, V>,
+) -> anyhow::Result<Option<ReadOnlyTable<K, V>>> {
+    match txn.open_table(table) {
+        Ok(table) => Ok(Some(table)),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
+        Err(error) => Err(error.into()),
     }
 }
 

@@ -128,7 +128,7 @@ impl Cutter {
 pub struct Chunker<R> {
     reader: R,
     cutter: Cutter,
-    buffer: Box<[u8]>,
+    buffer: Vec<u8>,
     start: usize,
     end: usize,
     eof: bool,
@@ -156,19 +156,36 @@ impl<R: Read> Chunker<R> {
     /// # Panics
     /// If `params` fail [`ChunkerParams::validate`].
     pub fn with_params(reader: R, params: ChunkerParams, seed: u64) -> Self {
+        Self::with_buffer(reader, params, seed, Vec::new())
+    }
+
+    /// A chunker with the pinned [`ChunkerParams::V1`] that works in `buffer`,
+    /// which [`Chunker::into_buffer`] gives back: a caller that chunks many small
+    /// files allocates (and zeroes) the buffer once, not once a file.
+    pub fn reusing(reader: R, seed: u64, buffer: Vec<u8>) -> Self {
+        Self::with_buffer(reader, ChunkerParams::V1, seed, buffer)
+    }
+
+    fn with_buffer(reader: R, params: ChunkerParams, seed: u64, mut buffer: Vec<u8>) -> Self {
         let cutter = Cutter::new(params, seed);
         // Several maximum-sized chunks per refill keep the cost of moving the tail
         // of the buffer to its front small against the bytes chunked.
         let capacity = (8 * params.max_size as usize).max(1 << 20);
+        buffer.resize(capacity, 0);
         Self {
             reader,
             cutter,
-            buffer: vec![0; capacity].into_boxed_slice(),
+            buffer,
             start: 0,
             end: 0,
             eof: false,
             offset: 0,
         }
+    }
+
+    /// Gives back the buffer, for [`Chunker::reusing`].
+    pub fn into_buffer(self) -> Vec<u8> {
+        self.buffer
     }
 
     /// The next chunk and where it lies, or `None` at the end of the stream.

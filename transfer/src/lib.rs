@@ -29,7 +29,7 @@
 //!     &file[..],
 //!     &keys,
 //!     PipelineOptions::default(),
-//!     |chunk| Ok(objects.push(chunk.object)),
+//!     |chunk| Ok(objects.extend(chunk.object)),
 //! )?;
 //! assert_eq!(summary.bytes_read, 300_000);
 //! let mut restored = Vec::new();
@@ -64,4 +64,4 @@ pub use error::Error;
 #[cfg(feature = "sealing")]
 pub use object::{DEFAULT_ZSTD_LEVEL, MAX_OBJECT_PLAINTEXT, SealedObject, Sealer, open_object};
 #[cfg(feature = "sealing")]
-pub use pipeline::{PipelineOptions, SealedChunk, StreamSummary, seal_stream};
+pub use pipeline::{PipelineOptions, SealedChunk, StreamSummary, seal_new_chunks, seal_stream};

@@ -54,6 +54,11 @@ impl<'k> Sealer<'k> {
         Ok(Self { keys, compressor })
     }
 
+    /// The id `plaintext` has as an object.
+    pub fn object_id(&self, plaintext: &[u8]) -> ObjectId {
+        self.keys.object_id(plaintext)
+    }
+
     /// Seals `plaintext` as an object of `kind`.
     ///
     /// # Errors

@@ -33,7 +33,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::thread;
 
-use homing_crypto::{KeyRing, ObjectKind};
+use homing_crypto::{KeyRing, ObjectId, ObjectKind};
 
 use crate::chunker::{ChunkSpan, Chunker, ChunkerParams, Cutter};
 use crate::error::Error;
@@ -59,13 +59,16 @@ impl Default for PipelineOptions {
     }
 }
 
-/// A chunk of the stream, sealed.
+/// A chunk of the stream, sealed unless it is known already.
 #[derive(Debug)]
 pub struct SealedChunk {
     /// Where the chunk lies in the stream.
     pub span: ChunkSpan,
-    /// The sealed object.
-    pub object: SealedObject,
+    /// Its object id.
+    pub id: ObjectId,
+    /// The sealed object; `None` when the `known` test of [`seal_new_chunks`]
+    /// said the id is held already, and the chunk was not sealed.
+    pub object: Option<SealedObject>,
 }
 
 /// What a run of the pipeline did.
@@ -77,6 +80,8 @@ pub struct StreamSummary {
     pub chunks: u64,
     /// Bytes of sealed objects handed to the sink.
     pub bytes_sealed: u64,
+    /// Chunks that were known already, and not sealed.
+    pub known: u64,
 }
 
 /// Chunks and seals everything `reader` yields, calling `sink` with each sealed
@@ -89,6 +94,28 @@ pub fn seal_stream<R, E, F>(
     reader: R,
     keys: &KeyRing,
     options: PipelineOptions,
+    sink: F,
+) -> Result<StreamSummary, E>
+where
+    R: Read + Send,
+    E: From<Error> + Send,
+    F: FnMut(SealedChunk) -> Result<(), E> + Send,
+{
+    seal_new_chunks(reader, keys, options, &|_| false, sink)
+}
+
+/// As [`seal_stream`], but a chunk whose id `known` accepts is handed to the
+/// sink unsealed (`object: None`): a large file that changed in one place is read
+/// and cut again, but only its new chunks are compressed and encrypted. `known`
+/// is asked from the pipeline's threads.
+///
+/// # Errors
+/// As [`seal_stream`].
+pub fn seal_new_chunks<R, E, F>(
+    reader: R,
+    keys: &KeyRing,
+    options: PipelineOptions,
+    known: &(dyn Fn(&ObjectId) -> bool + Sync),
     mut sink: F,
 ) -> Result<StreamSummary, E>
 where
@@ -100,21 +127,46 @@ where
     let mut deliver = |chunk: SealedChunk| {
         summary.chunks += 1;
         summary.bytes_read += u64::from(chunk.span.len);
-        summary.bytes_sealed += chunk.object.bytes.len() as u64;
+        match &chunk.object {
+            Some(object) => summary.bytes_sealed += object.bytes.len() as u64,
+            None => summary.known += 1,
+        }
         sink(chunk)
     };
     if options.threads <= 1 {
         let mut sealer = Sealer::new(keys, options.zstd_level)?;
         let mut chunker = Chunker::new(reader, keys.chunker_seed());
         while let Some((span, data)) = next(&mut chunker)? {
-            let object = sealer.seal(ObjectKind::Chunk, data)?;
-            deliver(SealedChunk { span, object })?;
+            deliver(seal_unless_known(&mut sealer, known, span, data)?)?;
         }
     } else {
         let cutter = Cutter::new(ChunkerParams::V1, keys.chunker_seed());
-        run_segments(reader, keys, options, cutter, SEGMENT_LEN, &mut deliver)?;
+        run_segments(
+            reader,
+            keys,
+            options,
+            cutter,
+            SEGMENT_LEN,
+            known,
+            &mut deliver,
+        )?;
     }
     Ok(summary)
+}
+
+fn seal_unless_known(
+    sealer: &mut Sealer<'_>,
+    known: &(dyn Fn(&ObjectId) -> bool + Sync),
+    span: ChunkSpan,
+    data: &[u8],
+) -> Result<SealedChunk, Error> {
+    let id = sealer.object_id(data);
+    let object = if known(&id) {
+        None
+    } else {
+        Some(sealer.seal_with_id(ObjectKind::Chunk, id, data)?)
+    };
+    Ok(SealedChunk { span, id, object })
 }
 
 fn next<R: Read>(chunker: &mut Chunker<R>) -> Result<Option<(ChunkSpan, &[u8])>, Error> {
@@ -134,6 +186,7 @@ fn run_segments<R, E, F>(
     options: PipelineOptions,
     cutter: Cutter,
     segment_len: usize,
+    known: &(dyn Fn(&ObjectId) -> bool + Sync),
     deliver: &mut F,
 ) -> Result<(), E>
 where
@@ -152,6 +205,7 @@ where
     let shared = Shared {
         cutter,
         segment_len,
+        known,
         source: Mutex::new(Source {
             reader,
             next_segment: 0,
@@ -197,9 +251,11 @@ where
 }
 
 /// What the pipeline's threads share.
-struct Shared<R, F, E> {
+struct Shared<'k, R, F, E> {
     cutter: Cutter,
     segment_len: usize,
+    /// Whether a chunk's id is held already (then it is not sealed).
+    known: &'k (dyn Fn(&ObjectId) -> bool + Sync),
     source: Mutex<Source<R>>,
     seam: Mutex<Seam>,
     /// Signalled when a segment has been resolved, or the run fails.
@@ -265,9 +321,9 @@ struct Resolution {
 }
 
 /// Wakes the other threads with a failure if the thread holding it unwinds.
-struct PanicAlarm<'a, R, F, E: From<Error>>(&'a Shared<R, F, E>);
+struct PanicAlarm<'a, 'k, R, F, E: From<Error>>(&'a Shared<'k, R, F, E>);
 
-impl<R, F, E: From<Error>> Drop for PanicAlarm<'_, R, F, E> {
+impl<R, F, E: From<Error>> Drop for PanicAlarm<'_, '_, R, F, E> {
     fn drop(&mut self) {
         if thread::panicking() {
             // A lock is poisoned if the panic struck while it was held; its state is
@@ -282,7 +338,7 @@ impl<R, F, E: From<Error>> Drop for PanicAlarm<'_, R, F, E> {
     }
 }
 
-impl<R, F, E> Shared<R, F, E> {
+impl<R, F, E> Shared<'_, R, F, E> {
     /// Tells every thread to stop, waking those that sleep.
     fn halt(&self) {
         self.stop.store(true, Ordering::SeqCst);
@@ -295,7 +351,7 @@ impl<R, F, E> Shared<R, F, E> {
     }
 }
 
-impl<R, F, E> Shared<R, F, E>
+impl<R, F, E> Shared<'_, R, F, E>
 where
     R: Read,
     E: From<Error>,
@@ -353,9 +409,7 @@ where
                     offset,
                     len: u32::try_from(data.len()).expect("a chunk is at most max_size, a u32"),
                 };
-                let sealed = sealer
-                    .seal(ObjectKind::Chunk, data)
-                    .map(|object| SealedChunk { span, object });
+                let sealed = seal_unless_known(&mut sealer, self.known, span, data);
                 self.deliver(sequence, sealed, n + 1 == count);
             }
         }
@@ -564,29 +618,66 @@ mod tests {
         assert_eq!(serial_summary.bytes_read, input.len() as u64);
         assert_eq!(serial_summary.chunks, serial.len() as u64);
         assert_eq!(serial_summary, parallel_summary);
-        let ids = |chunks: &[SealedChunk]| {
-            chunks
-                .iter()
-                .map(|c| (c.span, c.object.id))
-                .collect::<Vec<_>>()
-        };
+        let ids =
+            |chunks: &[SealedChunk]| chunks.iter().map(|c| (c.span, c.id)).collect::<Vec<_>>();
         assert_eq!(ids(&serial), ids(&parallel));
 
         let keys = keys();
         let mut restored = Vec::new();
         for chunk in &parallel {
             assert_eq!(chunk.span.offset, restored.len() as u64);
-            restored.extend(
-                open_object(
-                    &keys,
-                    ObjectKind::Chunk,
-                    &chunk.object.id,
-                    &chunk.object.bytes,
-                )
-                .unwrap(),
-            );
+            let object = chunk.object.as_ref().unwrap();
+            assert_eq!(object.id, chunk.id);
+            restored
+                .extend(open_object(&keys, ObjectKind::Chunk, &chunk.id, &object.bytes).unwrap());
         }
         assert_eq!(restored, input);
+    }
+
+    #[test]
+    fn known_chunks_are_handed_over_unsealed_and_only_new_ones_sealed() {
+        let input = data(3_000_000);
+        let (_, first) = run(&input, 1);
+        // Every other chunk is known; the rest must come sealed, the same as before.
+        let known: std::collections::HashSet<ObjectId> =
+            first.iter().step_by(2).map(|c| c.id).collect();
+        let keys = keys();
+        for threads in [1, 3] {
+            let mut chunks = Vec::new();
+            let options = PipelineOptions {
+                threads,
+                zstd_level: 3,
+            };
+            let summary = seal_new_chunks::<_, Error, _>(
+                &input[..],
+                &keys,
+                options,
+                &|id| known.contains(id),
+                |c| {
+                    chunks.push(c);
+                    Ok(())
+                },
+            )
+            .unwrap();
+            assert_eq!(chunks.len(), first.len());
+            assert_eq!(summary.known, known.len() as u64);
+            let mut sealed = 0;
+            for (chunk, before) in chunks.iter().zip(&first) {
+                assert_eq!((chunk.span, chunk.id), (before.span, before.id));
+                match &chunk.object {
+                    None => assert!(known.contains(&chunk.id)),
+                    Some(object) => {
+                        assert!(!known.contains(&chunk.id));
+                        let at = chunk.span.offset as usize;
+                        let plain = open_object(&keys, ObjectKind::Chunk, &chunk.id, &object.bytes)
+                            .unwrap();
+                        assert_eq!(plain, &input[at..at + chunk.span.len as usize]);
+                        sealed += object.bytes.len() as u64;
+                    }
+                }
+            }
+            assert_eq!(summary.bytes_sealed, sealed, "{threads} threads");
+        }
     }
 
     #[test]
@@ -622,9 +713,10 @@ mod tests {
                 options,
                 cutter,
                 segment_len,
+                &|_| false,
                 &mut |c: SealedChunk| {
                     assert_eq!(
-                        c.object.id,
+                        c.id,
                         keys.object_id(&input[c.span.offset as usize..][..c.span.len as usize])
                     );
                     spans.push(c.span);

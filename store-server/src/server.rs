@@ -8,7 +8,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
@@ -44,8 +44,9 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A connection silent for this long is closed. Clients send no keep-alives (they
 /// cost bytes on metered links); they reconnect, with TLS session resumption.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
-/// Connections one source address may hold at once (handshakes and sessions): a
-/// laptop needs one or two; a misbehaving peer cannot take every place.
+/// Connections one source may hold at once (handshakes and sessions): a laptop
+/// needs one or two; a misbehaving peer cannot take every place. A source is an
+/// IPv4 address, or an IPv6 /64 (see [`source_of`]).
 pub const MAX_CONNECTIONS_PER_SOURCE: usize = 32;
 
 /// How often the server applies retention and collects garbage.
@@ -104,8 +105,22 @@ pub struct Server<B> {
     crl_changed: Mutex<Option<SystemTime>>,
     /// Seconds an unneeded object waits before the hourly collection deletes it.
     gc_grace: u64,
-    /// Connections (in handshake or in session) per source address.
+    /// Connections (in handshake or in session) per source ([`source_of`]).
     sources: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+/// The source a connection from `peer` counts against: an IPv4 address (an
+/// IPv4-mapped IPv6 address is one), or the /64 of an IPv6 address. A host is
+/// given a whole /64 and may use any address in it, so counted per address, one
+/// peer could take every place.
+fn source_of(peer: IpAddr) -> IpAddr {
+    match peer {
+        IpAddr::V4(_) => peer,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(Ipv6Addr::from_bits(v6.to_bits() & (u128::MAX << 64))),
+        },
+    }
 }
 
 /// One connection's place in its source address's share; given back on drop.
@@ -115,7 +130,8 @@ struct SourceShare {
 }
 
 impl SourceShare {
-    fn take(sources: &Arc<Mutex<HashMap<IpAddr, usize>>>, source: IpAddr) -> Option<Self> {
+    fn take(sources: &Arc<Mutex<HashMap<IpAddr, usize>>>, peer: IpAddr) -> Option<Self> {
+        let source = source_of(peer);
         let mut counts = sources.lock().unwrap_or_else(|p| p.into_inner());
         let count = counts.entry(source).or_insert(0);
         if *count >= MAX_CONNECTIONS_PER_SOURCE {
@@ -217,10 +233,10 @@ impl<B: Backend + 'static> Server<B> {
                     Err(error) => break Err(error),
                 },
             };
-            // One address cannot take every place: past its share, its new
+            // One source cannot take every place: past its share, its new
             // connections are closed at once.
             let Some(share) = SourceShare::take(&self.sources, peer.ip()) else {
-                tracing::debug!(%peer, "too many connections from this address");
+                tracing::debug!(%peer, "too many connections from this source");
                 drop(tcp);
                 continue;
             };
@@ -1054,4 +1070,44 @@ fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn take_all(sources: &Arc<Mutex<HashMap<IpAddr, usize>>>, peers: &[&str]) -> Vec<SourceShare> {
+        peers
+            .iter()
+            .map(|peer| SourceShare::take(sources, peer.parse().unwrap()).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn an_ipv6_peer_has_one_share_for_its_whole_64() {
+        let sources = Arc::default();
+        let addresses: Vec<String> = (0..MAX_CONNECTIONS_PER_SOURCE)
+            .map(|n| format!("2001:db8:1:2:{n:x}::{n:x}"))
+            .collect();
+        let held = take_all(
+            &sources,
+            &addresses.iter().map(String::as_str).collect::<Vec<_>>(),
+        );
+        // Any other address of that /64 is refused; the next /64 is not.
+        assert!(SourceShare::take(&sources, "2001:db8:1:2:ffff::1".parse().unwrap()).is_none());
+        let other = SourceShare::take(&sources, "2001:db8:1:3::1".parse().unwrap());
+        assert!(other.is_some());
+        // A connection that ends gives its place back to the /64.
+        drop(held);
+        assert!(SourceShare::take(&sources, "2001:db8:1:2:ffff::1".parse().unwrap()).is_some());
+    }
+
+    #[test]
+    fn ipv4_addresses_count_alone_and_mapped_ones_as_ipv4() {
+        let sources = Arc::default();
+        let held = take_all(&sources, &["192.0.2.7"; MAX_CONNECTIONS_PER_SOURCE]);
+        assert!(SourceShare::take(&sources, "::ffff:192.0.2.7".parse().unwrap()).is_none());
+        assert!(SourceShare::take(&sources, "192.0.2.8".parse().unwrap()).is_some());
+        assert_eq!(held.len(), MAX_CONNECTIONS_PER_SOURCE);
+    }
 }

@@ -20,6 +20,12 @@ use redb::{Database, ReadableDatabase, TableDefinition};
 /// (network, bucket start second) → counted bytes, all bytes.
 pub const LEDGER: TableDefinition<(&str, i64), (u64, u64)> = TableDefinition::new("ledger");
 
+/// How much history the ledger keeps: more than the longest budget period (a
+/// rolling window of 366 days), and a year of reports. Older buckets are dropped
+/// whenever a network's ledger is written, so that a daemon running for years
+/// neither grows its state nor loads ever more buckets at each run.
+pub const KEEP_SECONDS: i64 = 400 * 24 * 3600;
+
 /// Loads a network's ledger.
 ///
 /// # Errors
@@ -40,7 +46,8 @@ pub fn load(db: &Database, network: &str) -> anyhow::Result<Ledger> {
     Ok(Ledger::from_buckets(buckets))
 }
 
-/// Writes the buckets of `ledger` at and after `from` (those a change touched).
+/// Writes the buckets of `ledger` at and after `from` (those a change touched),
+/// and drops the network's buckets older than [`KEEP_SECONDS`] before `from`.
 fn store(db: &Database, network: &str, ledger: &Ledger, from: i64) -> anyhow::Result<()> {
     let txn = db.begin_write()?;
     {
@@ -48,6 +55,10 @@ fn store(db: &Database, network: &str, ledger: &Ledger, from: i64) -> anyhow::Re
         for (bucket, tally) in ledger.buckets_from(from) {
             table.insert((network, bucket), (tally.counted, tally.raw))?;
         }
+        table.retain_in(
+            (network, i64::MIN)..(network, from - KEEP_SECONDS),
+            |_, _| false,
+        )?;
     }
     txn.commit()?;
     Ok(())
@@ -112,7 +123,8 @@ impl LedgerMeter {
         policy: Policy,
         now: fn() -> Timestamp,
     ) -> anyhow::Result<Self> {
-        let ledger = load(&db, network)?;
+        let mut ledger = load(&db, network)?;
+        ledger.prune(Timestamp::from_second(now().as_second() - KEEP_SECONDS)?);
         Ok(Self {
             db,
             network: network.to_string(),
@@ -225,6 +237,8 @@ impl Meter for LedgerMeter {
 mod tests {
     use std::path::Path;
 
+    use homing_policy::Span;
+
     use super::*;
 
     fn noon() -> Timestamp {
@@ -253,6 +267,62 @@ mod tests {
         // After the connection: exactly what went, both ways, with overhead.
         let after = load(&db, "hotspot").unwrap().spent(&budget, noon());
         assert_eq!(after, p.link.on_the_wire(1000) + p.link.on_the_wire(500));
+    }
+
+    #[test]
+    fn history_older_than_the_ledger_keeps_is_dropped_when_it_is_written() {
+        fn long_ago() -> Timestamp {
+            "2024-11-01T12:00:00Z".parse().expect("a time")
+        }
+        fn last_year() -> Timestamp {
+            "2025-12-01T12:00:00Z".parse().expect("a time")
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let db = Arc::new(crate::state::open(dir.path()).unwrap());
+        let p = policy("bytes = \"10 MB\"\nperiod = \"day\"\n");
+        let totals = || {
+            let mut seen = Vec::new();
+            let ledger = load(&db, "hotspot").unwrap();
+            for at in [long_ago(), last_year(), noon()] {
+                let day = Span {
+                    start: at,
+                    end: at.checked_add(jiff::SignedDuration::from_hours(1)).unwrap(),
+                };
+                seen.push(ledger.raw_in(day));
+            }
+            seen
+        };
+        for (network, clock) in [
+            ("hotspot", long_ago as fn() -> Timestamp),
+            ("hotspot", last_year),
+            ("radio", long_ago),
+        ] {
+            let meter =
+                LedgerMeter::with_clock(Arc::clone(&db), network, p.clone(), clock).unwrap();
+            let granted = meter.reserve(1000);
+            meter.settle(granted, 1000);
+        }
+        let before = totals();
+        assert!(
+            before[0] > 0 && before[1] > 0 && before[2] == 0,
+            "{before:?}"
+        );
+        // A connection now: the bucket of two years ago goes, last year's stays.
+        let meter = LedgerMeter::with_clock(Arc::clone(&db), "hotspot", p, noon).unwrap();
+        let granted = meter.reserve(1000);
+        meter.settle(granted, 1000);
+        drop(meter);
+        let after = totals();
+        assert_eq!(after[0], 0, "{after:?}");
+        assert_eq!(after[1], before[1]);
+        assert!(after[2] > 0);
+        // Another network's history is its own.
+        assert!(
+            load(&db, "radio").unwrap().raw_in(Span {
+                start: long_ago(),
+                end: noon(),
+            }) > 0
+        );
     }
 
     #[test]

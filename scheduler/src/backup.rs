@@ -1349,8 +1349,7 @@ impl<'a> Scan<'a> {
                 } else {
                     vec![damaged.id]
                 };
-                let (freed, emptied) = self.run.spool.release(&txn, &lost)?;
-                state::forget_all_indexes(&txn)?;
+                let (freed, emptied) = self.run.spool.lose(&txn, &lost)?;
                 txn.commit()?;
                 self.run.spool.delete_emptied(&emptied)?;
                 self.spool_bytes = self.spool_bytes.saturating_sub(freed);

@@ -176,7 +176,7 @@ impl Spool {
         if files.values().any(|&live| live == 0) || !missing.is_empty() {
             let txn = db.begin_write()?;
             let lost = objects_in(&txn, &missing)?;
-            spool.release(&txn, &lost)?;
+            spool.lose(&txn, &lost)?;
             {
                 let mut table = txn.open_table(SPOOL_FILES)?;
                 for (number, live) in &files {
@@ -191,7 +191,6 @@ impl Spool {
                     files = ?missing.iter().map(|n| spool.path(*n)).collect::<Vec<_>>(),
                     "spool files are missing: their objects are sealed again from the files"
                 );
-                state::forget_all_indexes(&txn)?;
             }
             txn.commit()?;
         }
@@ -413,6 +412,25 @@ impl Spool {
         Ok((freed, emptied))
     }
 
+    /// Takes objects that were lost (damaged, or their file is gone) out of the
+    /// spool in `txn`, and forgets every set's file index, so that the files
+    /// that need them are read and sealed again. Returns as [`Spool::release`].
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn lose(
+        &mut self,
+        txn: &WriteTransaction,
+        lost: &[ObjectId],
+    ) -> anyhow::Result<(u64, Vec<u64>)> {
+        if lost.is_empty() {
+            return Ok((0, Vec::new()));
+        }
+        let released = self.release(txn, lost)?;
+        state::forget_all_indexes(txn)?;
+        Ok(released)
+    }
+
     /// Deletes spool files [`Spool::release`] emptied.
     ///
     /// # Errors
@@ -514,7 +532,7 @@ pub fn referenced_by_no_set(txn: &WriteTransaction) -> anyhow::Result<Vec<Object
     let names: Vec<String> = txn
         .list_tables()?
         .map(|t| t.name().to_string())
-        .filter(|name| name.starts_with("refs/"))
+        .filter(|name| state::set_of_refs_table(name).is_some())
         .collect();
     let mut tables = Vec::with_capacity(names.len());
     for name in &names {

@@ -124,9 +124,18 @@ pub fn set_known_head(db: &Database, id: &ObjectId, sequence: u64) -> anyhow::Re
     Ok(())
 }
 
+/// What the name of every reference table starts with.
+const REFS_PREFIX: &str = "refs/";
+
 /// A set's reference table `table` (0 or 1): id → (), the ids its tree needs.
 pub fn refs_table_name(set: &str, table: u8) -> String {
-    format!("refs/{set}/{table}")
+    format!("{REFS_PREFIX}{set}/{table}")
+}
+
+/// The set whose reference table is named `name`, if it is one.
+pub fn set_of_refs_table(name: &str) -> Option<&str> {
+    let (set, _) = name.strip_prefix(REFS_PREFIX)?.rsplit_once('/')?;
+    Some(set)
 }
 
 /// The sets that have reference tables: every set scanned since its data was
@@ -138,9 +147,7 @@ pub fn scanned_sets(db: &Database) -> anyhow::Result<std::collections::BTreeSet<
     let txn = db.begin_read()?;
     let mut sets = std::collections::BTreeSet::new();
     for table in txn.list_tables()? {
-        if let Some(rest) = table.name().strip_prefix("refs/")
-            && let Some((set, _)) = rest.rsplit_once('/')
-        {
+        if let Some(set) = set_of_refs_table(table.name()) {
             sets.insert(set.to_string());
         }
     }

@@ -46,7 +46,7 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 /// Connections one source may hold at once (handshakes and sessions): a laptop
 /// needs one or two; a misbehaving peer cannot take every place. A source is an
-/// IPv4 address, or an IPv6 /64 (see [`source_of`]).
+/// IPv4 address, or an IPv6 /64.
 pub const MAX_CONNECTIONS_PER_SOURCE: usize = 32;
 
 /// How often the server applies retention and collects garbage.

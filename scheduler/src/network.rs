@@ -6,7 +6,8 @@
 //! interface addresses come from `getifaddrs` (nix) everywhere; the route, the
 //! kind and the gateway's MAC come from the kernel's tables on Linux
 //! (`/proc/net/route` and `/proc/net/ipv6_route`, `/sys/class/net`,
-//! `/proc/net/arp`: IPv4 gateways only) and are left unknown elsewhere. Where
+//! `/proc/net/arp` for an IPv4 gateway, the neighbour table over netlink for an
+//! IPv6 one) and from `route` and `arp` elsewhere (IPv4 gateways only). Where
 //! NetworkManager runs (Linux), the Wi-Fi network's name, its access point and
 //! the metered flag come from it over D-Bus ([`nm`]).
 
@@ -41,8 +42,7 @@ pub fn observe(store: &str) -> Option<Link> {
     let addresses = addresses_of(&interface);
     let gateway_mac = route
         .as_ref()
-        .and_then(|r| r.gateway)
-        .and_then(platform::mac_of);
+        .and_then(|r| platform::mac_of(r.gateway?, &r.interface));
     let mut observation = Observation {
         kind: platform::kind_of(&interface),
         addresses,
@@ -283,8 +283,41 @@ mod platform {
         }
     }
 
+    /// The MAC address (lower-case) of the neighbour `address` on `interface`:
+    /// from the ARP table for IPv4, from the kernel's neighbour table over
+    /// netlink for IPv6 (there is no file of it).
+    pub(super) fn mac_of(address: IpAddr, interface: &str) -> Option<String> {
+        let IpAddr::V6(v6) = address else {
+            return arp(address);
+        };
+        use netlink_sys::protocols::NETLINK_ROUTE;
+        use netlink_sys::{Socket, SocketAddr};
+        const AF_INET6: u8 = 10;
+        let ifindex = nix::net::if_::if_nametoindex(interface).ok()?;
+        let mut socket = Socket::new(NETLINK_ROUTE).ok()?;
+        socket.bind_auto().ok()?;
+        socket.connect(&SocketAddr::new(0, 0)).ok()?;
+        socket
+            .send(&super::events::neighbour_dump_request(AF_INET6), 0)
+            .ok()?;
+        let mut buffer = vec![0_u8; 64 * 1024];
+        loop {
+            let read = socket.recv(&mut &mut buffer[..], 0).ok()?;
+            match super::events::find_neighbour(
+                &buffer[..read.min(buffer.len())],
+                ifindex,
+                &v6.octets(),
+            ) {
+                super::events::Lookup::Found(mac) => return Some(mac),
+                super::events::Lookup::NotThere => return None,
+                super::events::Lookup::ReadOn if read == 0 => return None,
+                super::events::Lookup::ReadOn => {}
+            }
+        }
+    }
+
     /// The MAC address of `address` from the ARP table (lower-case).
-    pub(super) fn mac_of(address: IpAddr) -> Option<String> {
+    fn arp(address: IpAddr) -> Option<String> {
         let table = std::fs::read_to_string("/proc/net/arp").ok()?;
         let wanted = address.to_string();
         table.lines().skip(1).find_map(|line| {
@@ -412,7 +445,8 @@ mod platform {
         None
     }
 
-    pub(super) fn mac_of(address: IpAddr) -> Option<String> {
+    /// IPv4 only (`arp`); an IPv6 gateway's MAC is left unknown here.
+    pub(super) fn mac_of(address: IpAddr, _interface: &str) -> Option<String> {
         let text = run("arp", &["-n", &address.to_string()])?;
         super::parse_bsd_arp(&text, address)
     }

@@ -518,3 +518,74 @@ fn a_wifi_network_manager_calls_metered_gets_the_policy_written_for_it() {
     let phone = explain();
     assert_eq!(phone["network"], "phone", "{phone}");
 }
+
+#[test]
+fn a_store_reached_over_ipv6_knows_its_network_by_the_gateways_mac() {
+    if !homing_e2e::lab::available() {
+        return;
+    }
+    let lab = Lab::up("hmv6gw", "8mbit");
+    let rig = rig(&lab, "[match]\ninterface = \"nlc0\"\n");
+    // The store at an IPv6 address behind a router on the link, whose MAC only
+    // the kernel's neighbour table holds (there is no file of it, as
+    // /proc/net/arp is for IPv4).
+    let router = "02:00:00:00:99:01";
+    // The lab keeps IPv6 off to keep its counters quiet: on for this interface.
+    let out = run(lab
+        .exec("CLIENT_NS", Path::new("sysctl"))
+        .args(["-qw", "net.ipv6.conf.nlc0.disable_ipv6=0"]));
+    assert!(out.status.success(), "sysctl: {}", stderr(&out));
+    for args in [
+        vec![
+            "-6",
+            "route",
+            "add",
+            "2001:db8:99::/64",
+            "via",
+            "fe80::99",
+            "dev",
+            "nlc0",
+        ],
+        vec![
+            "-6",
+            "neigh",
+            "replace",
+            "fe80::99",
+            "lladdr",
+            router,
+            "dev",
+            "nlc0",
+            "nud",
+            "permanent",
+        ],
+    ] {
+        let out = run(lab.exec("CLIENT_NS", Path::new("ip")).args(&args));
+        assert!(out.status.success(), "ip {args:?}: {}", stderr(&out));
+    }
+    let path = rig.config.join("config.toml");
+    let config = std::fs::read_to_string(&path).expect("config");
+    let address = config
+        .lines()
+        .find(|line| line.starts_with("address = "))
+        .expect("the store's address")
+        .to_string();
+    std::fs::write(
+        &path,
+        config.replace(&address, "address = \"[2001:db8:99::1]:7473\""),
+    )
+    .expect("config");
+    std::fs::write(
+        rig.config.join("policies/router.toml"),
+        format!(
+            "[match]\ngateway_mac = \"{router}\"\n\n[budget]\nbytes = \"1 GB\"\nperiod = \"day\"\n"
+        ),
+    )
+    .expect("a policy");
+    let out = run(lab
+        .homing(&rig.config)
+        .args(["policy", "explain", "--json"]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let explain: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(explain["network"], "router", "{explain}");
+    assert!(explain.to_string().contains(router), "{explain}");
+}

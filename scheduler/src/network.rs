@@ -447,6 +447,9 @@ mod platform {
 
     /// IPv4 only (`arp`); an IPv6 gateway's MAC is left unknown here.
     pub(super) fn mac_of(address: IpAddr, _interface: &str) -> Option<String> {
+        if address.is_ipv6() {
+            return None;
+        }
         let text = run("arp", &["-n", &address.to_string()])?;
         super::parse_bsd_arp(&text, address)
     }

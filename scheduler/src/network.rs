@@ -297,6 +297,14 @@ mod platform {
         let mut socket = Socket::new(NETLINK_ROUTE).ok()?;
         socket.bind_auto().ok()?;
         socket.connect(&SocketAddr::new(0, 0)).ok()?;
+        // The kernel answers at once; a sandbox that never does must not stall
+        // the look at the link (and with it the daemon's runs).
+        nix::sys::socket::setsockopt(
+            &socket,
+            nix::sys::socket::sockopt::ReceiveTimeout,
+            &nix::sys::time::TimeVal::new(1, 0),
+        )
+        .ok()?;
         socket
             .send(&super::events::neighbour_dump_request(AF_INET6), 0)
             .ok()?;

@@ -398,15 +398,8 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             let lock = if dry_run {
                 None
             } else {
-                match serve_lock(&store.dir)? {
-                    Ok(lock) => Some(lock),
-                    // Held: a server runs (or another gc compacts).
-                    Err(nix::errno::Errno::EWOULDBLOCK) => None,
-                    Err(errno) => anyhow::bail!(
-                        "cannot lock {}: {errno}",
-                        store.dir.join("serve.lock").display()
-                    ),
-                }
+                // None when held: a server runs (or another gc compacts).
+                serve_lock(&store.dir)?
             };
             let objects = open_store(&store.dir)?;
             let report = objects.collect_garbage(now, grace_hours.saturating_mul(3600), dry_run)?;
@@ -484,9 +477,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
 /// Takes `<store>/serve.lock` (created if missing, never removed) without waiting:
 /// whoever holds it is the one process that appends to segments. The inner error
 /// says another process holds it.
-fn serve_lock(
-    dir: &Path,
-) -> anyhow::Result<Result<nix::fcntl::Flock<std::fs::File>, nix::errno::Errno>> {
+fn serve_lock(dir: &Path) -> anyhow::Result<Option<nix::fcntl::Flock<std::fs::File>>> {
     let lock_path = dir.join("serve.lock");
     let lock_file = std::fs::OpenOptions::new()
         .create(true)
@@ -494,23 +485,23 @@ fn serve_lock(
         .write(true)
         .open(&lock_path)
         .with_context(|| format!("cannot open {}", lock_path.display()))?;
-    Ok(
-        nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock)
-            .map_err(|(_, errno)| errno),
-    )
+    match nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => Ok(Some(lock)),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
+        Err((_, errno)) => bail!("cannot lock {}: {errno}", lock_path.display()),
+    }
 }
 
 fn serve(dir: &Path, listen: std::net::SocketAddr, gc_grace: u64) -> anyhow::Result<()> {
     let store = open_store(dir)?;
     // One server per store: two would append to the same segment, each believing
     // it knows where the segment ends. The lock goes when the process does.
-    let _lock = serve_lock(dir)?.map_err(|errno| match errno {
-        nix::errno::Errno::EWOULDBLOCK => anyhow::anyhow!(
-            "another process holds {} ({errno}): another `homing-store serve` on this store \
-             (stop it first), or a `homing-store gc` compacting it (wait for it to end)",
+    let _lock = serve_lock(dir)?.ok_or_else(|| {
+        anyhow::anyhow!(
+            "another process holds {}: another `homing-store serve` on this store (stop it \
+             first), or a `homing-store gc` compacting it (wait for it to end)",
             dir.join("serve.lock").display()
-        ),
-        errno => anyhow::anyhow!("cannot lock {}: {errno}", dir.join("serve.lock").display()),
+        )
     })?;
     let server =
         std::sync::Arc::new(homing_store::server::Server::new(dir, store)?.with_gc_grace(gc_grace));

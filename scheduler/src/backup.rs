@@ -38,10 +38,7 @@ use homing_transfer::stream::BudgetExhausted;
 use homing_transfer::{Chunker, PipelineOptions, SealedObject, Sealer, seal_new_chunks};
 use ignore::gitignore::{Gitignore, GitignoreBuilder};
 use indicatif::{ProgressBar, ProgressStyle};
-use redb::{
-    Database, ReadOnlyTable, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition,
-    WriteTransaction,
-};
+use redb::{Database, ReadOnlyTable, ReadableDatabase, ReadableTable, WriteTransaction};
 use serde::Serialize;
 
 use crate::config::BackupSet;
@@ -1169,17 +1166,11 @@ impl<'a> Scan<'a> {
         // last commit is sealed, then found here and dropped.)
         let keys = self.run.keys;
         let committed = self.run.db.begin_read()?;
-        let stored = optional_table(&committed, KNOWN)?;
-        let spooled = optional_table(&committed, SPOOL_AT)?;
-        let known = |id: &ObjectId| {
-            let key = id.as_bytes();
-            stored
-                .as_ref()
-                .is_some_and(|t| t.get(key).is_ok_and(|v| v.is_some()))
-                || spooled
-                    .as_ref()
-                    .is_some_and(|t| t.get(key).is_ok_and(|v| v.is_some()))
-        };
+        let stored = state::optional_table(&committed, KNOWN)?;
+        let spooled = state::optional_table(&committed, SPOOL_AT)?;
+        // A lookup that fails counts as new: the chunk is sealed, as before.
+        let known =
+            |id: &ObjectId| state::holds(stored.as_ref(), id) || state::holds(spooled.as_ref(), id);
         let known = &known;
         let (sender, receiver) = std::sync::mpsc::sync_channel(8);
         std::thread::scope(|scope| -> anyhow::Result<()> {
@@ -1382,18 +1373,6 @@ impl<'a> Scan<'a> {
         txn.commit()?;
         self.run.spool.delete_emptied(&emptied)?;
         Ok(freed)
-    }
-}
-
-/// A table of the committed state, or `None` if no transaction made it yet.
-fn optional_table<K: redb::Key + 'static, V: redb::Value + 'static>(
-    txn: &ReadTransaction,
-    table: TableDefinition<K, V>,
-) -> anyhow::Result<Option<ReadOnlyTable<K, V>>> {
-    match txn.open_table(table) {
-        Ok(table) => Ok(Some(table)),
-        Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
-        Err(error) => Err(error.into()),
     }
 }
 

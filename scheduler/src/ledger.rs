@@ -32,10 +32,8 @@ pub const KEEP_SECONDS: i64 = 400 * 24 * 3600;
 /// Database errors.
 pub fn load(db: &Database, network: &str) -> anyhow::Result<Ledger> {
     let txn = db.begin_read()?;
-    let table = match txn.open_table(LEDGER) {
-        Ok(table) => table,
-        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Ledger::default()),
-        Err(error) => return Err(error.into()),
+    let Some(table) = crate::state::optional_table(&txn, LEDGER)? else {
+        return Ok(Ledger::default());
     };
     let mut buckets = Vec::new();
     for item in table.range((network, i64::MIN)..=(network, i64::MAX))? {

@@ -124,7 +124,7 @@ pub fn build(paths: &Paths, days: u32, now: Timestamp) -> anyhow::Result<Report>
     let mut names: BTreeMap<String, Option<Policy>> = BTreeMap::new();
     {
         let txn = db.begin_read()?;
-        if let Ok(table) = txn.open_table(crate::ledger::LEDGER) {
+        if let Some(table) = crate::state::optional_table(&txn, crate::ledger::LEDGER)? {
             for item in table.iter()? {
                 let (key, _) = item?;
                 names.entry(key.value().0.to_string()).or_insert(None);

@@ -124,6 +124,30 @@ pub fn set_known_head(db: &Database, id: &ObjectId, sequence: u64) -> anyhow::Re
     Ok(())
 }
 
+/// A table of the committed state, or `None` if no transaction made it yet.
+///
+/// # Errors
+/// Database errors other than the table's absence.
+pub fn optional_table<K: redb::Key + 'static, V: redb::Value + 'static>(
+    txn: &redb::ReadTransaction,
+    table: TableDefinition<K, V>,
+) -> anyhow::Result<Option<redb::ReadOnlyTable<K, V>>> {
+    match txn.open_table(table) {
+        Ok(table) => Ok(Some(table)),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
+        Err(error) => Err(error.into()),
+    }
+}
+
+/// Whether `table` (keyed by object id, from [`optional_table`]) holds `id`; a
+/// table that is not there, or a failed lookup, holds nothing.
+pub fn holds<V: redb::Value + 'static>(
+    table: Option<&redb::ReadOnlyTable<&'static [u8; 32], V>>,
+    id: &ObjectId,
+) -> bool {
+    table.is_some_and(|t| t.get(id.as_bytes()).is_ok_and(|v| v.is_some()))
+}
+
 /// What the name of every reference table starts with.
 const REFS_PREFIX: &str = "refs/";
 

@@ -274,33 +274,117 @@ fn many(root: &Path, count: usize, dirs: usize, g: &mut Gen) {
     }
 }
 
-/// Reads and BLAKE3-hashes every file below `root`: the baseline.
-fn read_and_hash(root: &Path) -> (f64, u64) {
-    let started = Instant::now();
-    let mut total = 0;
+/// Calls `f` with every file below `root`.
+fn for_each_file(root: &Path, mut f: impl FnMut(&Path)) {
     let mut stack = vec![root.to_path_buf()];
-    let mut buffer = vec![0_u8; 1 << 20];
     while let Some(dir) = stack.pop() {
         for entry in fs::read_dir(&dir).expect("a directory") {
             let path = entry.expect("an entry").path();
             if path.is_dir() {
                 stack.push(path);
-                continue;
+            } else {
+                f(&path);
             }
-            let mut file = fs::File::open(&path).expect("a file");
-            let mut hasher = blake3::Hasher::new();
-            loop {
-                let n = file.read(&mut buffer).expect("readable");
-                if n == 0 {
-                    break;
-                }
-                total += n as u64;
-                hasher.update(&buffer[..n]);
-            }
-            std::hint::black_box(hasher.finalize());
         }
     }
+}
+
+/// Reads and BLAKE3-hashes every file below `root`: the baseline.
+fn read_and_hash(root: &Path) -> (f64, u64) {
+    let started = Instant::now();
+    let mut total = 0;
+    let mut buffer = vec![0_u8; 1 << 20];
+    for_each_file(root, |path| {
+        let mut file = fs::File::open(path).expect("a file");
+        let mut hasher = blake3::Hasher::new();
+        loop {
+            let n = file.read(&mut buffer).expect("readable");
+            if n == 0 {
+                break;
+            }
+            total += n as u64;
+            hasher.update(&buffer[..n]);
+        }
+        std::hint::black_box(hasher.finalize());
+    });
     (started.elapsed().as_secs_f64(), total)
+}
+
+/// CPU seconds this process has used, user and system.
+fn cpu_seconds() -> f64 {
+    use nix::sys::resource::{UsageWho, getrusage};
+    let usage = getrusage(UsageWho::RUSAGE_SELF).expect("getrusage");
+    let seconds = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
+    seconds(usage.user_time()) + seconds(usage.system_time())
+}
+
+/// The least CPU an initial backup of `root` can spend with this design, measured
+/// on one thread of this process in the same run: read every file, cut it with
+/// the client's own `Chunker`, id every chunk, compress and seal each distinct
+/// one with its `Sealer`, write the sealed bytes to a spool file synced every
+/// 4 MiB, and read each 32 MiB of it back once, as the upload does. No index, no
+/// state database, no threads, no trees, no TLS and no socket: everything the
+/// real run adds to this is left out, so the real run can only cost more.
+/// Returns CPU seconds and the sealed bytes.
+fn sealing_floor(root: &Path, scratch: &Path) -> (f64, u64) {
+    use homing_crypto::{MasterKey, ObjectKind};
+    use homing_transfer::{Chunker, DEFAULT_ZSTD_LEVEL, Sealer};
+    let master = MasterKey::generate().expect("a key");
+    let keys = master.key_ring();
+    let mut sealer = Sealer::new(&keys, DEFAULT_ZSTD_LEVEL).expect("a sealer");
+    let mut seen = std::collections::HashSet::new();
+    let mut spool = fs::OpenOptions::new()
+        .create_new(true)
+        .read(true)
+        .write(true)
+        .open(scratch)
+        .expect("a spool file");
+    let (mut unsynced, mut batch, mut sealed) = (0_u64, Vec::new(), 0_u64);
+    let mut back = Vec::new();
+    let mut read_back = |spool: &mut fs::File, batch: &mut Vec<u64>| {
+        let mut at = spool.stream_position().expect("a position") - batch.iter().sum::<u64>();
+        for len in batch.drain(..) {
+            back.resize(len as usize, 0);
+            spool.seek(SeekFrom::Start(at)).expect("seek");
+            spool.read_exact(&mut back).expect("read back");
+            at += len;
+        }
+        spool.seek(SeekFrom::End(0)).expect("seek");
+    };
+    let cpu = cpu_seconds();
+    let mut buffer = Some(Vec::new());
+    for_each_file(root, |path| {
+        let file = fs::File::open(path).expect("a file");
+        let reused = buffer.take().expect("given back");
+        let mut chunker = Chunker::reusing(file, keys.chunker_seed(), reused);
+        while let Some((_, chunk)) = chunker.next_chunk().expect("readable") {
+            let id = keys.object_id(chunk);
+            if !seen.insert(id) {
+                continue;
+            }
+            let object = sealer
+                .seal_with_id(ObjectKind::Chunk, id, chunk)
+                .expect("sealed");
+            spool.write_all(&object.bytes).expect("spooled");
+            let len = object.bytes.len() as u64;
+            (unsynced, sealed) = (unsynced + len, sealed + len);
+            batch.push(len);
+            if unsynced >= 4 << 20 {
+                spool.sync_data().expect("synced");
+                unsynced = 0;
+            }
+            if batch.iter().sum::<u64>() >= 32 << 20 {
+                read_back(&mut spool, &mut batch);
+            }
+        }
+        buffer = Some(chunker.into_buffer());
+    });
+    spool.sync_data().expect("synced");
+    read_back(&mut spool, &mut batch);
+    let cpu = cpu_seconds() - cpu;
+    drop(spool);
+    fs::remove_file(scratch).expect("removed");
+    (cpu, sealed)
 }
 
 fn compressed(data: &[u8]) -> u64 {
@@ -351,6 +435,14 @@ fn main() {
         mb / hash_seconds,
         seconds / hash_seconds
     );
+    let (floor_cpu, floor_sealed) = sealing_floor(&tree, &rig.work.join("floor.spool"));
+    println!(
+        "  floor (one thread: read, cut, id, seal each distinct chunk, spool with syncs, read back; \
+         no state, no trees, no TLS): {:.2} CPU-s/GB, sealed {:.1} MB; backup/floor CPU {:.2}x",
+        floor_cpu / gb,
+        floor_sealed as f64 / 1e6,
+        num(&first, "cpu_seconds") / floor_cpu,
+    );
     if std::env::var_os("HOMING_BENCH_INITIAL_ONLY").is_some() {
         // For profiling the initial backup (`perf record` around the bench).
         return;
@@ -373,6 +465,7 @@ fn main() {
         (num(&first, "peak_rss_bytes") / 1e6).into(),
     );
     report.insert("baseline_mb_per_s".into(), (mb / hash_seconds).into());
+    report.insert("floor_cpu_s_per_gb".into(), (floor_cpu / gb).into());
     report.insert("rescan_s".into(), num(&rescan, "seconds").into());
 
     // (c) An hour of typical edits.

@@ -288,6 +288,7 @@ pub fn backup_sets(
                     spool: &mut spool,
                     remote: if upload { remote.as_mut() } else { None },
                     spool_limit,
+                    sealing_threads: config.seal.threads(),
                     skip: vec![paths.state.clone(), paths.config.clone()],
                     progress,
                     host: host.clone(),

@@ -13,7 +13,7 @@ use rustls::pki_types::pem::PemObject;
 use crate::cli::{
     BackupArgs, EnrollArgs, InitArgs, KeyCommand, NewPassphrase, QuickstartArgs, Unlock,
 };
-use crate::config::{BackupSet, Config, FILE_NAME, Priority, SpoolConfig, StoreConfig};
+use crate::config::{BackupSet, Config, FILE_NAME, Priority, SealConfig, SpoolConfig, StoreConfig};
 use crate::paths::Paths;
 use crate::{commands, key};
 
@@ -77,6 +77,7 @@ pub fn init(paths: &Paths, args: InitArgs) -> anyhow::Result<ExitCode> {
             key: "client.key".into(),
         },
         spool: SpoolConfig::default(),
+        seal: SealConfig::default(),
         sets,
     };
     if !paths.key_file().exists() {

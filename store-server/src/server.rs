@@ -9,6 +9,7 @@
 use std::collections::{HashMap, HashSet};
 use std::io;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
@@ -382,7 +383,7 @@ impl<B: Backend + 'static> Server<B> {
             // A connection that has waited a while for its client gives back its
             // batch memory; one that is busy keeps it (fresh memory for every
             // batch costs page faults and zeroing).
-            let holding = session.spare.is_some() || session.batch.data.capacity() > 0;
+            let holding = session.spare.is_some() || decoder.capacity() >= MAX_BATCH;
             let read = tokio::select! {
                 answers = async { storing.as_mut().expect("guarded by the condition").await },
                     if storing.is_some() =>
@@ -390,7 +391,7 @@ impl<B: Backend + 'static> Server<B> {
                     storing = None;
                     session.stored(answers?, &mut output);
                     // What piled up meanwhile goes to be stored while these answers travel.
-                    self.dispatch(&mut session, &mut storing);
+                    self.dispatch(&mut session, &mut decoder, &mut storing);
                     write_out(&mut tls, &mut output).await?;
                     continue;
                 }
@@ -404,12 +405,18 @@ impl<B: Backend + 'static> Server<B> {
                     } else {
                         Duration::MAX
                     },
-                    tls.read_buf(decoder.input(READ_SIZE)),
+                    // Batched objects stay where they were read, in the decoder's
+                    // buffer, until it is handed over with them.
+                    tls.read_buf(if session.batch.is_empty() {
+                        decoder.input(READ_SIZE)
+                    } else {
+                        decoder.input_keeping(READ_SIZE)
+                    }),
                 ) => match read {
                     Ok(read) => read,
                     // The input ran dry: the batch goes to be stored now.
                     Err(_) if gathering => {
-                        self.dispatch(&mut session, &mut storing);
+                        self.dispatch(&mut session, &mut decoder, &mut storing);
                         continue;
                     }
                     Err(_) if holding => {
@@ -427,13 +434,15 @@ impl<B: Backend + 'static> Server<B> {
                     // The input broke off (a client whose budget ran out
                     // half-closes mid-record), but what arrived whole is
                     // stored, and answered if the client still listens.
-                    self.settle(&mut session, &mut storing, &mut output).await?;
+                    self.settle(&mut session, &decoder, &mut storing, &mut output)
+                        .await?;
                     let _ = write_out(&mut tls, &mut output).await;
                     return Err(error.into());
                 }
             };
             if read == 0 {
-                self.settle(&mut session, &mut storing, &mut output).await?;
+                self.settle(&mut session, &decoder, &mut storing, &mut output)
+                    .await?;
                 write_out(&mut tls, &mut output).await?;
                 return Ok(());
             }
@@ -442,12 +451,21 @@ impl<B: Backend + 'static> Server<B> {
                 if self.is_revoked(&session.client.serial) {
                     return Err(SessionError::Revoked);
                 }
-                let message = match decoder.next_frame().map(|f| f.map(ClientMessage::decode)) {
-                    Ok(Some(Ok(message))) => message,
+                let at = match decoder.next_frame_at() {
+                    Ok(Some(at)) => Ok(at),
                     Ok(None) => break,
-                    Err(error) | Ok(Some(Err(error))) => {
+                    Err(error) => Err(error),
+                };
+                let message = at
+                    .as_ref()
+                    .map_err(Clone::clone)
+                    .and_then(|at| ClientMessage::decode(decoder.frame(at)));
+                let (at, message) = match (at, message) {
+                    (Ok(at), Ok(message)) => (at, message),
+                    (Err(error), _) | (_, Err(error)) => {
                         // Objects sent before are stored and answered first.
-                        self.settle(&mut session, &mut storing, &mut output).await?;
+                        self.settle(&mut session, &decoder, &mut storing, &mut output)
+                            .await?;
                         reply_malformed(&mut output, &error);
                         close = true;
                         break;
@@ -467,7 +485,13 @@ impl<B: Backend + 'static> Server<B> {
                     && data.len() == *total as usize
                     && session.greeted
                 {
-                    session.batch.push(*id, data);
+                    // The object's bytes end its frame; they are not copied, and
+                    // the buffer that holds them goes to be stored with them.
+                    let (id, bytes) = (*id, at.payload.end - data.len()..at.payload.end);
+                    if session.batch.is_empty() {
+                        decoder.reserve_total(BATCH_BUFFER);
+                    }
+                    session.batch.push(id, bytes);
                     if session.batch.bytes() >= MAX_BATCH
                         || session.batch.len() >= MAX_BATCH_OBJECTS
                     {
@@ -475,11 +499,12 @@ impl<B: Backend + 'static> Server<B> {
                         if let Some(previous) = storing.take() {
                             session.stored(previous.await?, &mut output);
                         }
-                        self.dispatch(&mut session, &mut storing);
+                        self.dispatch(&mut session, &mut decoder, &mut storing);
                     }
                     continue;
                 }
-                self.settle(&mut session, &mut storing, &mut output).await?;
+                self.settle(&mut session, &decoder, &mut storing, &mut output)
+                    .await?;
                 // Store calls sync files; they run on this worker thread without
                 // holding up the others.
                 let flow =
@@ -495,7 +520,8 @@ impl<B: Backend + 'static> Server<B> {
                 }
             }
             if close {
-                self.settle(&mut session, &mut storing, &mut output).await?;
+                self.settle(&mut session, &decoder, &mut storing, &mut output)
+                    .await?;
                 write_out(&mut tls, &mut output).await?;
                 // A client that stopped reading cannot hold its place by it.
                 let _ = tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.shutdown()).await;
@@ -505,19 +531,29 @@ impl<B: Backend + 'static> Server<B> {
         }
     }
 
-    /// Starts storing the session's batch on a blocking thread, if it holds any.
-    fn dispatch(self: &Arc<Self>, session: &mut Session, storing: &mut Option<Storing>) {
+    /// Starts storing the session's batch on a blocking thread, if it holds any:
+    /// the decoder hands over the buffer the objects were read into and goes on
+    /// in the spare one.
+    fn dispatch(
+        self: &Arc<Self>,
+        session: &mut Session,
+        decoder: &mut FrameDecoder,
+        storing: &mut Option<Storing>,
+    ) {
         debug_assert!(storing.is_none(), "one batch is stored at a time");
         if session.batch.is_empty() {
             return;
         }
-        let next = session.spare.take().unwrap_or_default();
-        let batch = std::mem::replace(&mut session.batch, next);
+        let mut next = session.spare.take().unwrap_or_default();
+        let buffer = decoder.swap_buffer(std::mem::take(&mut next.data));
+        let mut batch = std::mem::replace(&mut session.batch, next);
+        batch.data = buffer;
         let server = Arc::clone(self);
         let account = session.client.account.clone();
         *storing = Some(tokio::task::spawn_blocking(move || {
             let mut answers = Vec::new();
-            server.store_batch(&account, &batch, &mut answers);
+            let objects: Vec<(ObjectId, &[u8])> = batch.objects(&batch.data).collect();
+            server.store_batch(&account, &objects, &mut answers);
             (answers, batch)
         }));
     }
@@ -528,6 +564,7 @@ impl<B: Backend + 'static> Server<B> {
     async fn settle(
         &self,
         session: &mut Session,
+        decoder: &FrameDecoder,
         storing: &mut Option<Storing>,
         out: &mut Vec<u8>,
     ) -> Result<(), SessionError> {
@@ -535,19 +572,24 @@ impl<B: Backend + 'static> Server<B> {
             session.stored(previous.await?, out);
         }
         if !session.batch.is_empty() {
-            let batch = std::mem::take(&mut session.batch);
+            // Still in the decoder's buffer: stored from there.
+            let objects: Vec<(ObjectId, &[u8])> = session
+                .batch
+                .objects
+                .iter()
+                .map(|(id, bytes)| (*id, decoder.bytes(bytes.clone())))
+                .collect();
             tokio::task::block_in_place(|| {
-                self.store_batch(&session.client.account, &batch, out);
+                self.store_batch(&session.client.account, &objects, out);
             });
-            session.keep(batch);
+            session.batch.clear();
         }
         Ok(())
     }
 
     /// Stores the batched whole objects and answers each: Stored or Refused.
-    fn store_batch(&self, account: &str, batch: &Batch, out: &mut Vec<u8>) {
-        let objects: Vec<(ObjectId, &[u8])> = batch.objects().collect();
-        match self.store.put_whole(account, &objects) {
+    fn store_batch(&self, account: &str, objects: &[(ObjectId, &[u8])], out: &mut Vec<u8>) {
+        match self.store.put_whole(account, objects) {
             Ok(results) => {
                 for ((id, _), result) in objects.iter().zip(results) {
                     match result {
@@ -563,7 +605,7 @@ impl<B: Backend + 'static> Server<B> {
             // Nothing of the batch was stored: every object is refused alike.
             Err(error) => {
                 let error = wire_error(&error);
-                for (id, _) in &objects {
+                for (id, _) in objects {
                     ServerMessage::Refused {
                         id: *id,
                         error: error.clone(),
@@ -866,34 +908,37 @@ impl Session {
 /// A batch being stored: its answers, and the batch back for its memory.
 type Storing = tokio::task::JoinHandle<(Vec<u8>, Batch)>;
 
-/// Whole objects received and not yet stored: their bytes one after the other in
-/// one buffer (one copy out of the decoder, none more on the way to the segment).
+/// Room for the buffer a batch is read into: a full batch, plus what was in the
+/// buffer before its first object and what arrives after its last (a frame and a
+/// read each). Reserved at once when a batch starts: growing by doubling would
+/// copy the batch and leave up to twice that reserved. Only the pages written are
+/// ever backed by memory.
+const BATCH_BUFFER: usize = MAX_BATCH + 2 * (MAX_FRAME_PAYLOAD + READ_SIZE + 16);
+
+/// Whole objects received and not yet stored: where their bytes lie in the buffer
+/// they were decrypted into, which is never copied. While a batch gathers, that is
+/// the frame decoder's own buffer (and `data` is empty); the decoder hands it over
+/// when the batch goes to be stored, and the batch brings it back as the memory of
+/// a later one.
 #[derive(Debug, Default)]
 struct Batch {
     data: Vec<u8>,
-    /// Each object's id and where its bytes end in `data`.
-    objects: Vec<(ObjectId, usize)>,
+    /// Each object's id and where its bytes lie in the buffer.
+    objects: Vec<(ObjectId, Range<usize>)>,
+    bytes: usize,
 }
 
 impl Batch {
-    fn push(&mut self, id: ObjectId, data: &[u8]) {
-        if self.data.capacity() == 0 {
-            // Room for a full batch at once: growing by doubling would copy the
-            // batch again and leave up to twice that reserved per batch. Only the
-            // pages written are ever backed by memory.
-            self.data.reserve_exact(MAX_BATCH + MAX_FRAME_PAYLOAD);
-        }
-        self.data.extend_from_slice(data);
-        self.objects.push((id, self.data.len()));
+    fn push(&mut self, id: ObjectId, bytes: Range<usize>) {
+        self.bytes += bytes.len();
+        self.objects.push((id, bytes));
     }
 
-    fn objects(&self) -> impl Iterator<Item = (ObjectId, &[u8])> {
-        let mut start = 0;
-        self.objects.iter().map(move |&(id, end)| {
-            let data = &self.data[start..end];
-            start = end;
-            (id, data)
-        })
+    /// The objects, read from `data`, the buffer they lie in.
+    fn objects<'a>(&'a self, data: &'a [u8]) -> impl Iterator<Item = (ObjectId, &'a [u8])> {
+        self.objects
+            .iter()
+            .map(move |(id, bytes)| (*id, &data[bytes.clone()]))
     }
 
     fn len(&self) -> usize {
@@ -901,7 +946,7 @@ impl Batch {
     }
 
     fn bytes(&self) -> usize {
-        self.data.len()
+        self.bytes
     }
 
     fn is_empty(&self) -> bool {
@@ -911,6 +956,7 @@ impl Batch {
     fn clear(&mut self) {
         self.data.clear();
         self.objects.clear();
+        self.bytes = 0;
     }
 
     /// Gives back the memory of an empty batch.

@@ -22,6 +22,19 @@ pub struct Frame<'a> {
     pub payload: &'a [u8],
 }
 
+/// Where a frame lies in a [`FrameDecoder`]'s buffer: what [`FrameDecoder::next_frame_at`]
+/// returns, so that a caller can keep frames it has taken without holding a borrow
+/// of the decoder. Valid until the decoder moves its bytes: by [`FrameDecoder::push`],
+/// [`FrameDecoder::input`], [`FrameDecoder::shrink`] or [`FrameDecoder::swap_buffer`];
+/// [`FrameDecoder::input_keeping`] keeps it valid.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FrameAt {
+    /// The message type byte.
+    pub kind: u8,
+    /// The payload's place in the buffer.
+    pub payload: std::ops::Range<usize>,
+}
+
 /// Starts a frame of `kind` in `out`; returns the position to pass to [`end_frame`]
 /// once the payload has been appended.
 pub(crate) fn begin_frame(out: &mut Vec<u8>, kind: u8) -> usize {
@@ -94,6 +107,42 @@ impl FrameDecoder {
         &mut self.buffer
     }
 
+    /// As [`input`](Self::input), but never moves the bytes already returned as
+    /// frames, so that every [`FrameAt`] taken stays valid. The buffer grows by what
+    /// is read: call [`swap_buffer`](Self::swap_buffer) to hand it over and start
+    /// afresh.
+    pub fn input_keeping(&mut self, room: usize) -> &mut Vec<u8> {
+        self.buffer.reserve(room);
+        &mut self.buffer
+    }
+
+    /// Makes room for `total` bytes in all without moving what the buffer holds
+    /// later: one allocation up front for a buffer that is to grow by
+    /// [`input_keeping`](Self::input_keeping).
+    pub fn reserve_total(&mut self, total: usize) {
+        self.buffer
+            .reserve_exact(total.saturating_sub(self.buffer.len()));
+    }
+
+    /// Hands over the buffer: returns it, with every frame taken where its
+    /// [`FrameAt`] says, and goes on with `fresh` (emptied first, its memory kept)
+    /// holding the bytes not yet returned as frames.
+    pub fn swap_buffer(&mut self, mut fresh: Vec<u8>) -> Vec<u8> {
+        fresh.clear();
+        fresh.extend_from_slice(&self.buffer[self.start..]);
+        self.start = 0;
+        std::mem::replace(&mut self.buffer, fresh)
+    }
+
+    /// Bytes of frames already returned (a [`FrameAt`]'s payload, or part of it).
+    ///
+    /// # Panics
+    /// If `range` is not within the buffer: a [`FrameAt`] from before the bytes
+    /// were moved.
+    pub fn bytes(&self, range: std::ops::Range<usize>) -> &[u8] {
+        &self.buffer[range]
+    }
+
     /// Drops the bytes already returned as frames once they are half the buffer (or
     /// all of it), so that what is moved stays small next to what was consumed.
     fn compact(&mut self) {
@@ -121,6 +170,18 @@ impl FrameDecoder {
     /// A length above the limit or a malformed length; the connection should then be
     /// closed, since the byte stream can no longer be trusted.
     pub fn next_frame(&mut self) -> Result<Option<Frame<'_>>, ProtocolError> {
+        Ok(self.next_frame_at()?.map(|at| Frame {
+            kind: at.kind,
+            payload: &self.buffer[at.payload],
+        }))
+    }
+
+    /// As [`next_frame`](Self::next_frame), but says where the frame lies instead of
+    /// borrowing it: read it with [`bytes`](Self::bytes) or [`frame`](Self::frame).
+    ///
+    /// # Errors
+    /// As [`next_frame`](Self::next_frame).
+    pub fn next_frame_at(&mut self) -> Result<Option<FrameAt>, ProtocolError> {
         let available = &self.buffer[self.start..];
         let Some((&kind, rest)) = available.split_first() else {
             return Ok(None);
@@ -141,10 +202,26 @@ impl FrameDecoder {
         }
         let payload_at = self.start + 1 + len_bytes;
         self.start += total;
-        Ok(Some(Frame {
+        Ok(Some(FrameAt {
             kind,
-            payload: &self.buffer[payload_at..payload_at + len],
+            payload: payload_at..payload_at + len,
         }))
+    }
+
+    /// The frame at `at`.
+    ///
+    /// # Panics
+    /// As [`bytes`](Self::bytes).
+    pub fn frame(&self, at: &FrameAt) -> Frame<'_> {
+        Frame {
+            kind: at.kind,
+            payload: self.bytes(at.payload.clone()),
+        }
+    }
+
+    /// Bytes the buffer can hold without growing.
+    pub fn capacity(&self) -> usize {
+        self.buffer.capacity()
     }
 
     /// Bytes received and not yet returned as frames.
@@ -221,6 +298,46 @@ mod tests {
                 while let Some(frame) = decoder.next_frame().unwrap() {
                     got.push((frame.kind, frame.payload.to_vec()));
                 }
+            }
+            let want: Vec<(u8, Vec<u8>)> = payloads.into_iter().enumerate().map(|(i, p)| (i as u8, p)).collect();
+            prop_assert_eq!(got, want);
+            prop_assert_eq!(decoder.buffered(), 0);
+        }
+
+        #[test]
+        fn frames_kept_by_place_survive_reads_and_a_swap(
+            payloads in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..3000), 1..8),
+            cuts in proptest::collection::vec(1_usize..700, 1..20),
+            swap_after in 0_usize..8,
+        ) {
+            let stream: Vec<u8> = payloads.iter().enumerate().flat_map(|(i, p)| frame(i as u8, p)).collect();
+            let mut decoder = FrameDecoder::new(MAX_FRAME_PAYLOAD);
+            // Frames taken by place, read back from the buffer they were taken in
+            // (the decoder's own, or the one it handed over in a swap).
+            let mut kept: Vec<FrameAt> = Vec::new();
+            let mut got = Vec::new();
+            let mut handed_over = false;
+            let mut rest = &stream[..];
+            let mut turn = 0;
+            while !rest.is_empty() {
+                let n = cuts[turn % cuts.len()].min(rest.len());
+                turn += 1;
+                decoder.input_keeping(n).extend_from_slice(&rest[..n]);
+                rest = &rest[n..];
+                while let Some(at) = decoder.next_frame_at().unwrap() {
+                    kept.push(at);
+                    if kept.len() == swap_after && !handed_over {
+                        let old: Vec<u8> = decoder.swap_buffer(Vec::with_capacity(16));
+                        for at in kept.drain(..) {
+                            got.push((at.kind, old[at.payload].to_vec()));
+                        }
+                        handed_over = true;
+                    }
+                }
+            }
+            for at in kept.drain(..) {
+                let frame = decoder.frame(&at);
+                got.push((frame.kind, frame.payload.to_vec()));
             }
             let want: Vec<(u8, Vec<u8>)> = payloads.into_iter().enumerate().map(|(i, p)| (i as u8, p)).collect();
             prop_assert_eq!(got, want);

@@ -16,7 +16,7 @@ mod frame;
 mod message;
 mod wire;
 
-pub use frame::{Frame, FrameDecoder, MAX_FRAME_PAYLOAD, frame_len};
+pub use frame::{Frame, FrameAt, FrameDecoder, MAX_FRAME_PAYLOAD, frame_len};
 pub use message::{
     ClientMessage, MAX_IDS_PER_FRAME, MAX_MANIFEST, MAX_PIECE, MAX_SNAPSHOTS_PER_FRAME,
     ObjectState, PROTOCOL_VERSION, ServerMessage, SnapshotEntry, WireError,

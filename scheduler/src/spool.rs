@@ -80,6 +80,34 @@ impl Location {
     }
 }
 
+/// Where spool file `number` is.
+fn file_path(dir: &Path, number: u64) -> PathBuf {
+    dir.join(format!("{number:016x}"))
+}
+
+/// The spool could not be written or synced (a full or failing disk). A backup
+/// stops on it, keeping what was committed before: it is never taken for a
+/// problem of the file being read, which would leave that file out of the
+/// snapshot.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot {what} {path}")]
+pub struct WriteFailed {
+    what: &'static str,
+    path: String,
+    #[source]
+    source: std::io::Error,
+}
+
+impl WriteFailed {
+    fn new(what: &'static str, path: &Path, source: std::io::Error) -> Self {
+        Self {
+            what,
+            path: path.display().to_string(),
+            source,
+        }
+    }
+}
+
 /// A spooled object whose bytes are not what was spooled (or are gone).
 #[derive(Debug, thiserror::Error)]
 #[error("spooled object {id} is damaged in spool file {file}: {why}")]
@@ -207,7 +235,7 @@ impl Spool {
     }
 
     fn path(&self, number: u64) -> PathBuf {
-        self.dir.join(format!("{number:016x}"))
+        file_path(&self.dir, number)
     }
 
     /// Appends an object's bytes and records where they are, in `txn`, with
@@ -263,11 +291,11 @@ impl Spool {
                 .create_new(true)
                 .append(true)
                 .open(&path)
-                .with_context(|| format!("cannot create the spool file {}", path.display()))?;
+                .map_err(|e| WriteFailed::new("create the spool file", &path, e))?;
             // The file's name is durable before any transaction names it.
             File::open(&self.dir)
                 .and_then(|dir| dir.sync_all())
-                .with_context(|| format!("cannot sync the directory {}", self.dir.display()))?;
+                .map_err(|e| WriteFailed::new("sync the directory", &self.dir, e))?;
             self.writer = Some(Writer {
                 number,
                 file,
@@ -283,10 +311,12 @@ impl Spool {
             len,
             crc: crc32fast::hash(bytes),
         };
-        writer
-            .file
-            .write_all(bytes)
-            .with_context(|| format!("cannot write to the spool file {}", path.display()))?;
+        if let Err(error) = writer.file.write_all(bytes) {
+            // Part of the object may be in the file, past what `len` says: the
+            // next object goes to a new file rather than after those bytes.
+            self.writer = None;
+            return Err(WriteFailed::new("write to the spool file", &path, error).into());
+        }
         writer.len += u64::from(len);
         writer.synced = false;
         Ok(location)
@@ -301,10 +331,11 @@ impl Spool {
         if let Some(writer) = self.writer.as_mut()
             && !writer.synced
         {
+            let path = file_path(&self.dir, writer.number);
             writer
                 .file
                 .sync_data()
-                .context("cannot sync the spool file")?;
+                .map_err(|e| WriteFailed::new("sync the spool file", &path, e))?;
             writer.synced = true;
         }
         Ok(())

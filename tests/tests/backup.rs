@@ -513,6 +513,92 @@ fn two_snapshots_restore_identically_to_their_states() {
     assert!(verify.contains("0 problems"), "{verify}");
 }
 
+/// A small file system mounted for a test, unmounted when dropped.
+struct Mounted(PathBuf);
+
+impl Mounted {
+    /// A tmpfs of `size` (as `mount` takes it) at `dir`; `None` where this process
+    /// may not mount (not root, or a container without the capability).
+    fn tmpfs(dir: &Path, size: &str) -> Option<Self> {
+        if !is_root() {
+            return None;
+        }
+        let status = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(dir)
+            .status()
+            .ok()?;
+        status.success().then(|| Self(dir.to_path_buf()))
+    }
+
+    fn resize(&self, size: &str) {
+        let status = Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.0)
+            .status()
+            .expect("mount runs");
+        assert!(
+            status.success(),
+            "cannot resize the tmpfs at {}",
+            self.0.display()
+        );
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_disk_under_the_spool_stops_the_backup_and_leaves_no_file_out() {
+    let rig = Rig::new("0");
+    let spool = rig.config.join("state/spool");
+    fs::create_dir_all(&spool).unwrap();
+    let Some(mounted) = Mounted::tmpfs(&spool, "4m") else {
+        eprintln!("skipped: mounting a small file system for the spool needs root");
+        return;
+    };
+    // 9 MiB that does not compress, for a spool with room for 4.
+    let src = rig.dir("src");
+    for n in 0..3 {
+        fs::write(
+            src.join(format!("photo{n}.jpg")),
+            bytes(70 + n, 3 << 20, false),
+        )
+        .unwrap();
+    }
+    let state = describe(&src);
+    let out = rig.backup_output(&[&src]);
+    let err = stderr(&out);
+    // The backup stops and says why; it does not take the full disk for files it
+    // could not read, which would leave them out of a snapshot.
+    assert!(
+        !out.status.success() && out.status.code() != Some(3),
+        "{err}"
+    );
+    assert!(
+        err.contains("spool") && err.contains("No space left"),
+        "{err}"
+    );
+    assert!(!err.contains("cannot read"), "{err}");
+    // With room again, the next run backs everything up.
+    mounted.resize("64m");
+    let summary = rig.backup(&[&src]);
+    assert_eq!(summary["unreadable"], 0, "{summary}");
+    let target = rig.dir("restored");
+    let out = rig.restore(&snapshot_of(&summary), &target);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_same(&state, &describe(&restored(&target, &src)));
+}
+
 #[test]
 fn an_interrupted_restore_continues_without_fetching_again() {
     let rig = Rig::new("0");

@@ -322,7 +322,8 @@ fn cpu_seconds() -> f64 {
 /// on one thread of this process in the same run: read every file, cut it with
 /// the client's own `Chunker`, id every chunk, compress and seal each distinct
 /// one with its `Sealer`, write the sealed bytes to a spool file synced every
-/// 4 MiB, and read each 32 MiB of it back once, as the upload does. No index, no
+/// 16 MiB (as often as the client commits its state), and read each 32 MiB of it
+/// back once, as the upload does. No index, no
 /// state database, no threads, no trees, no TLS and no socket: everything the
 /// real run adds to this is left out, so the real run can only cost more.
 /// Returns CPU seconds and the sealed bytes.
@@ -369,7 +370,7 @@ fn sealing_floor(root: &Path, scratch: &Path) -> (f64, u64) {
             let len = object.bytes.len() as u64;
             (unsynced, sealed) = (unsynced + len, sealed + len);
             batch.push(len);
-            if unsynced >= 4 << 20 {
+            if unsynced >= 16 << 20 {
                 spool.sync_data().expect("synced");
                 unsynced = 0;
             }

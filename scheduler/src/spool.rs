@@ -303,7 +303,6 @@ impl Spool {
                 synced: true,
             });
         }
-        let path = self.path(self.writer.as_ref().expect("just opened").number);
         let writer = self.writer.as_mut().expect("just opened");
         let location = Location {
             file: writer.number,
@@ -314,6 +313,7 @@ impl Spool {
         if let Err(error) = writer.file.write_all(bytes) {
             // Part of the object may be in the file, past what `len` says: the
             // next object goes to a new file rather than after those bytes.
+            let path = file_path(&self.dir, writer.number);
             self.writer = None;
             return Err(WriteFailed::new("write to the spool file", &path, error).into());
         }
@@ -331,11 +331,13 @@ impl Spool {
         if let Some(writer) = self.writer.as_mut()
             && !writer.synced
         {
-            let path = file_path(&self.dir, writer.number);
-            writer
-                .file
-                .sync_data()
-                .map_err(|e| WriteFailed::new("sync the spool file", &path, e))?;
+            if let Err(error) = writer.file.sync_data() {
+                // What the file held unsynced may be lost whatever a later sync
+                // says: the next object goes to a new file.
+                let path = file_path(&self.dir, writer.number);
+                self.writer = None;
+                return Err(WriteFailed::new("sync the spool file", &path, error).into());
+            }
             writer.synced = true;
         }
         Ok(())

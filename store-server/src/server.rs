@@ -489,7 +489,7 @@ impl<B: Backend + 'static> Server<B> {
                     // the buffer that holds them goes to be stored with them.
                     let (id, bytes) = (*id, at.payload.end - data.len()..at.payload.end);
                     if session.batch.is_empty() {
-                        decoder.reserve_total(BATCH_BUFFER);
+                        decoder.reserve_exact(BATCH_ROOM);
                     }
                     session.batch.push(id, bytes);
                     if session.batch.bytes() >= MAX_BATCH
@@ -908,12 +908,14 @@ impl Session {
 /// A batch being stored: its answers, and the batch back for its memory.
 type Storing = tokio::task::JoinHandle<(Vec<u8>, Batch)>;
 
-/// Room for the buffer a batch is read into: a full batch, plus what was in the
-/// buffer before its first object and what arrives after its last (a frame and a
-/// read each). Reserved at once when a batch starts: growing by doubling would
-/// copy the batch and leave up to twice that reserved. Only the pages written are
-/// ever backed by memory.
-const BATCH_BUFFER: usize = MAX_BATCH + 2 * (MAX_FRAME_PAYLOAD + READ_SIZE + 16);
+/// Room a batch needs in the buffer beyond what it held when the batch began:
+/// its object bytes (up to `MAX_BATCH` and the object that passes it), its
+/// frames' headers (up to 48 bytes each), and what arrives after its last object
+/// (a frame and a read). Reserved at once when a batch starts: growing by
+/// doubling would copy the batch and leave up to twice that reserved. Only the
+/// pages written are ever backed by memory.
+const BATCH_ROOM: usize =
+    MAX_BATCH + 48 * MAX_BATCH_OBJECTS + 2 * MAX_FRAME_PAYLOAD + 2 * READ_SIZE;
 
 /// Whole objects received and not yet stored: where their bytes lie in the buffer
 /// they were decrypted into, which is never copied. While a batch gathers, that is

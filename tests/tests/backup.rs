@@ -556,7 +556,14 @@ impl Mounted {
 
 impl Drop for Mounted {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
+        let unmounted = Command::new("umount")
+            .arg(&self.0)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !unmounted {
+            // Busy: detach it, so that the test's directory can go.
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
     }
 }
 
@@ -569,29 +576,41 @@ fn a_full_disk_under_the_spool_stops_the_backup_and_leaves_no_file_out() {
         eprintln!("skipped: mounting a small file system for the spool needs root");
         return;
     };
-    // 9 MiB that does not compress, for a spool with room for 4.
+    // 12 MiB that does not compress, for a spool with room for 4: a large file
+    // (sealed first, its name sorts first) and small ones.
     let src = rig.dir("src");
+    fs::write(src.join("a-disk.img"), bytes(69, 9 << 20, false)).unwrap();
     for n in 0..3 {
         fs::write(
             src.join(format!("photo{n}.jpg")),
-            bytes(70 + n, 3 << 20, false),
+            bytes(70 + n, 1 << 20, false),
         )
         .unwrap();
     }
     let state = describe(&src);
-    let out = rig.backup_output(&[&src]);
-    let err = stderr(&out);
     // The backup stops and says why; it does not take the full disk for files it
-    // could not read, which would leave them out of a snapshot.
-    assert!(
-        !out.status.success() && out.status.code() != Some(3),
-        "{err}"
-    );
-    assert!(
-        err.contains("spool") && err.contains("No space left"),
-        "{err}"
-    );
-    assert!(!err.contains("cannot read"), "{err}");
+    // could not read, which would leave them out of a snapshot. Both ways a large
+    // file is sealed: in the parallel pipeline, and on the walking thread.
+    let file = rig.config.join("config.toml");
+    let default_config = fs::read_to_string(&file).unwrap();
+    for config in [
+        format!("{default_config}\n[seal]\nthreads = 2\n"),
+        default_config.clone(),
+    ] {
+        fs::write(&file, config).unwrap();
+        let out = rig.backup_output(&[&src]);
+        let err = stderr(&out);
+        assert!(
+            !out.status.success() && out.status.code() != Some(3),
+            "{err}"
+        );
+        // ENOSPC, whatever the locale says of it.
+        assert!(
+            err.contains("spool file") && err.contains("os error 28"),
+            "{err}"
+        );
+        assert!(!err.contains("cannot read"), "{err}");
+    }
     // With room again, the next run backs everything up.
     mounted.resize("64m");
     let summary = rig.backup(&[&src]);

@@ -116,12 +116,11 @@ impl FrameDecoder {
         &mut self.buffer
     }
 
-    /// Makes room for `total` bytes in all without moving what the buffer holds
-    /// later: one allocation up front for a buffer that is to grow by
-    /// [`input_keeping`](Self::input_keeping).
-    pub fn reserve_total(&mut self, total: usize) {
-        self.buffer
-            .reserve_exact(total.saturating_sub(self.buffer.len()));
+    /// Makes room for `more` bytes beyond what the buffer holds, exactly: one
+    /// allocation up front for a buffer that is to grow by
+    /// [`input_keeping`](Self::input_keeping), instead of doublings that copy it.
+    pub fn reserve_exact(&mut self, more: usize) {
+        self.buffer.reserve_exact(more);
     }
 
     /// Hands over the buffer: returns it, with every frame taken where its

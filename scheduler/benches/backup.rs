@@ -15,6 +15,8 @@
 //! - peak memory of an initial backup of 10k and of 200k small files.
 //!
 //! `HOMING_BENCH_QUICK=1` shrinks everything tenfold for a smoke run;
+//! `HOMING_BENCH_INITIAL_ONLY=1` stops after the initial backup and its floor;
+//! `HOMING_BENCH_RSS_ONLY=1` runs only the 10k and 200k files' backups;
 //! `HOMING_BENCH_DIR` says where the trees go (default: the system's temporary
 //! directory; use a disk, not a RAM disk, for honest figures).
 
@@ -401,6 +403,21 @@ fn median(mut values: Vec<u64>) -> u64 {
     values[values.len() / 2]
 }
 
+/// Peak RSS (MB) of the initial backups of 10k files over 500 directories and of
+/// 200k over 4 000, each its own set.
+fn rss_10k_200k(rig: &Rig, scale: usize, g: &mut Gen) -> (f64, f64) {
+    let small = rig.work.join("rss-tenk");
+    many(&small, 10_000 / scale, 500 / scale, g);
+    let tenk = rig.backup("rss-tenk", &small);
+    let large = rig.work.join("rss-twohundredk");
+    many(&large, 200_000 / scale, 4000 / scale, g);
+    let twohundredk = rig.backup("rss-twohundredk", &large);
+    (
+        num(&tenk, "peak_rss_bytes") / 1e6,
+        num(&twohundredk, "peak_rss_bytes") / 1e6,
+    )
+}
+
 fn main() {
     let quick = std::env::var_os("HOMING_BENCH_QUICK").is_some();
     let scale = if quick { 10 } else { 1 };
@@ -412,6 +429,16 @@ fn main() {
     let mut g = Gen(0x2026_1127_0000_0001);
     let mut report = serde_json::Map::new();
 
+    if std::env::var_os("HOMING_BENCH_RSS_ONLY").is_some() {
+        // For measuring memory alone: the 10k and 200k initial backups, in a
+        // fresh store (the full run's state holds the other sets too).
+        let (rss_10k, rss_200k) = rss_10k_200k(&rig, scale, &mut g);
+        println!(
+            "peak RSS: {rss_10k:.1} MB for 10k files, {rss_200k:.1} MB for 200k ({:.2}x)",
+            rss_200k / rss_10k
+        );
+        return;
+    }
     // Initial backup and rescan of the laptop tree.
     let tree = rig.work.join("laptop");
     let size = laptop(&tree, scale, &mut g);

@@ -64,6 +64,9 @@ const TXN_TIME: Duration = Duration::from_secs(5);
 /// much (or the configured limit, if lower): memory and the state file stay small
 /// and the link is busy while the scan goes on.
 const UPLOAD_BATCH: u64 = 32 << 20;
+/// ... or this many objects: an upload holds every waiting object's id, place
+/// and answer in memory, and 32 MiB of small files is tens of thousands.
+const UPLOAD_OBJECTS: u64 = 8192;
 /// Tries to read a file that keeps changing while it is read.
 const READ_TRIES: usize = 3;
 /// Unreadable paths named in the summary (all are counted).
@@ -660,6 +663,8 @@ struct Scan<'a> {
     /// What the last upload left in the spool (classes the link does not carry,
     /// refusals).
     left_by_upload: u64,
+    /// Objects spooled since the last upload.
+    spooled_since_upload: u64,
     root_device: Option<u64>,
     summary: Summary,
     progress: ProgressBar,
@@ -712,6 +717,7 @@ impl<'a> Scan<'a> {
             txn_started: Instant::now(),
             spool_bytes,
             left_by_upload: 0,
+            spooled_since_upload: 0,
             root_device: None,
             summary: Summary {
                 set: set.name.clone(),
@@ -749,6 +755,7 @@ impl<'a> Scan<'a> {
         let due = if self.run.remote.is_some() {
             self.spool_bytes.saturating_sub(self.left_by_upload)
                 >= self.run.spool_limit.min(UPLOAD_BATCH)
+                || self.spooled_since_upload >= UPLOAD_OBJECTS
         } else {
             self.spool_bytes >= self.run.spool_limit
         };
@@ -822,6 +829,7 @@ impl<'a> Scan<'a> {
             .spool
             .append(txn, &object.id, &object.bytes, class)?;
         self.spool_bytes += len;
+        self.spooled_since_upload += 1;
         self.txn_bytes += len;
         self.summary.bytes_new += u64::from(object.plain_len);
         self.summary.bytes_sealed += len;
@@ -1238,6 +1246,7 @@ impl<'a> Scan<'a> {
     fn upload_spool(&mut self) -> anyhow::Result<()> {
         let result = self.upload_spool_once();
         self.left_by_upload = self.spool_bytes;
+        self.spooled_since_upload = 0;
         result
     }
 

@@ -72,6 +72,14 @@ const READ_TRIES: usize = 3;
 /// Unreadable paths named in the summary (all are counted).
 const NAMED_PROBLEMS: usize = 50;
 
+/// A file being backed up could not be read: the file's problem, not the
+/// backup's (it is named, counted and left out, and the run goes on). Only the
+/// reads of the file itself are marked so; any other failure while sealing it
+/// (the spool, the state) stops the set's backup.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Unreadable(std::io::Error);
+
 /// What a backup run did.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Summary {
@@ -1086,18 +1094,13 @@ impl<'a> Scan<'a> {
                 Ok(result) => result,
                 Err(error) => {
                     // A read error is the file's problem, not the backup's.
-                    if let Some(io) = error.downcast_ref::<std::io::Error>() {
-                        self.problem(path, "cannot read", io);
-                        return Ok(None);
+                    match error.downcast::<Unreadable>() {
+                        Ok(Unreadable(io)) => {
+                            self.problem(path, "cannot read", &io);
+                            return Ok(None);
+                        }
+                        Err(error) => return Err(error),
                     }
-                    if let Some(homing_transfer::Error::Read { source, .. }) =
-                        error.downcast_ref::<homing_transfer::Error>()
-                    {
-                        let message = source.to_string();
-                        self.problem(path, "cannot read", &message);
-                        return Ok(None);
-                    }
-                    return Err(error);
                 }
             };
             let after = file.metadata().context("cannot stat an open file")?;
@@ -1159,17 +1162,21 @@ impl<'a> Scan<'a> {
         if len < PARALLEL_FROM || self.run.sealing_threads < 2 {
             let buffer = std::mem::take(&mut self.chunk_buffer);
             let mut chunker = Chunker::reusing(file, self.run.keys.chunker_seed(), buffer);
-            while let Some((span, data)) = chunker.next_chunk()? {
-                read += u64::from(span.len);
-                let id = self.run.keys.object_id(data);
-                if !self.have(&id)? {
-                    let object = self.sealer.seal_with_id(ObjectKind::Chunk, id, data)?;
-                    self.spool(&object)?;
+            let mut seal = || -> anyhow::Result<()> {
+                while let Some((span, data)) = chunker.next_chunk().map_err(Unreadable)? {
+                    read += u64::from(span.len);
+                    let id = self.run.keys.object_id(data);
+                    if !self.have(&id)? {
+                        let object = self.sealer.seal_with_id(ObjectKind::Chunk, id, data)?;
+                        self.spool(&object)?;
+                    }
+                    ids.push(id);
                 }
-                ids.push(id);
-            }
+                Ok(())
+            };
+            let sealed = seal();
             self.chunk_buffer = chunker.into_buffer();
-            return Ok((ids, read));
+            return sealed.map(|()| (ids, read));
         }
         // Large files: the parallel pipeline seals on other threads; this thread
         // puts the sealed chunks into the spool, a bounded channel between them.
@@ -1190,7 +1197,7 @@ impl<'a> Scan<'a> {
         std::thread::scope(|scope| -> anyhow::Result<()> {
             // The sender moves in: the channel ends when the sealing does.
             let sealing = scope.spawn(move || {
-                seal_new_chunks::<_, homing_transfer::Error, _>(
+                seal_new_chunks::<_, anyhow::Error, _>(
                     file,
                     keys,
                     PipelineOptions {
@@ -1201,10 +1208,7 @@ impl<'a> Scan<'a> {
                     |chunk| {
                         sender
                             .send(chunk)
-                            .map_err(|_| homing_transfer::Error::Read {
-                                offset: 0,
-                                source: std::io::Error::other("the spool stopped"),
-                            })
+                            .map_err(|_| anyhow::anyhow!("the spool stopped taking sealed chunks"))
                     },
                 )
             });
@@ -1235,7 +1239,11 @@ impl<'a> Scan<'a> {
             if let Some(error) = failure {
                 return Err(error);
             }
-            sealed?;
+            sealed.map_err(|error| match error.downcast::<homing_transfer::Error>() {
+                Ok(homing_transfer::Error::Read { source, .. }) => Unreadable(source).into(),
+                Ok(other) => other.into(),
+                Err(error) => error,
+            })?;
             Ok(())
         })?;
         Ok((ids, read))

@@ -85,10 +85,8 @@ fn file_path(dir: &Path, number: u64) -> PathBuf {
     dir.join(format!("{number:016x}"))
 }
 
-/// The spool could not be written or synced (a full or failing disk). A backup
-/// stops on it, keeping what was committed before: it is never taken for a
-/// problem of the file being read, which would leave that file out of the
-/// snapshot.
+/// The spool could not be written or synced (a full or failing disk): the set's
+/// backup stops on it, keeping what was committed before.
 #[derive(Debug, thiserror::Error)]
 #[error("cannot {what} {path}")]
 pub struct WriteFailed {

@@ -516,14 +516,17 @@ fn parse_bsd_arp(text: &str, address: IpAddr) -> Option<String> {
                     }
                 })
                 .collect::<Option<_>>()?;
-            Some(
-                octets
-                    .iter()
-                    .map(|o| format!("{o:02x}"))
-                    .collect::<Vec<_>>()
-                    .join(":"),
-            )
+            Some(mac_string(&octets))
         })
+}
+
+/// A hardware address as policies write it: lower-case hex octets joined by `:`.
+fn mac_string(octets: &[u8]) -> String {
+    octets
+        .iter()
+        .map(|o| format!("{o:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 #[cfg(test)]

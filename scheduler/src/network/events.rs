@@ -188,13 +188,9 @@ pub(super) fn find_neighbour(buffer: &[u8], ifindex: u32, address: &[u8]) -> Loo
                     && neighbour.address == Some(address)
                 {
                     return match neighbour.hardware {
-                        Some(hardware) if hardware.iter().any(|&b| b != 0) => Lookup::Found(
-                            hardware
-                                .iter()
-                                .map(|b| format!("{b:02x}"))
-                                .collect::<Vec<_>>()
-                                .join(":"),
-                        ),
+                        Some(hardware) if hardware.iter().any(|&b| b != 0) => {
+                            Lookup::Found(super::mac_string(hardware))
+                        }
                         _ => Lookup::NotThere,
                     };
                 }

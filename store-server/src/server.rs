@@ -451,18 +451,16 @@ impl<B: Backend + 'static> Server<B> {
                 if self.is_revoked(&session.client.serial) {
                     return Err(SessionError::Revoked);
                 }
-                let at = match decoder.next_frame_at() {
-                    Ok(Some(at)) => Ok(at),
+                // The frame by place, so that a whole object can be batched where
+                // it lies; and its message.
+                let frame = decoder.next_frame_at().and_then(|at| {
+                    at.map(|at| ClientMessage::decode(decoder.frame(&at)).map(|m| (at, m)))
+                        .transpose()
+                });
+                let (at, message) = match frame {
+                    Ok(Some(frame)) => frame,
                     Ok(None) => break,
-                    Err(error) => Err(error),
-                };
-                let message = at
-                    .as_ref()
-                    .map_err(Clone::clone)
-                    .and_then(|at| ClientMessage::decode(decoder.frame(at)));
-                let (at, message) = match (at, message) {
-                    (Ok(at), Ok(message)) => (at, message),
-                    (Err(error), _) | (_, Err(error)) => {
+                    Err(error) => {
                         // Objects sent before are stored and answered first.
                         self.settle(&mut session, &decoder, &mut storing, &mut output)
                             .await?;
@@ -573,12 +571,7 @@ impl<B: Backend + 'static> Server<B> {
         }
         if !session.batch.is_empty() {
             // Still in the decoder's buffer: stored from there.
-            let objects: Vec<(ObjectId, &[u8])> = session
-                .batch
-                .objects
-                .iter()
-                .map(|(id, bytes)| (*id, decoder.bytes(bytes.clone())))
-                .collect();
+            let objects: Vec<(ObjectId, &[u8])> = session.batch.objects(decoder.framed()).collect();
             tokio::task::block_in_place(|| {
                 self.store_batch(&session.client.account, &objects, out);
             });

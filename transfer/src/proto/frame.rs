@@ -133,13 +133,10 @@ impl FrameDecoder {
         std::mem::replace(&mut self.buffer, fresh)
     }
 
-    /// Bytes of frames already returned (a [`FrameAt`]'s payload, or part of it).
-    ///
-    /// # Panics
-    /// If `range` is not within the buffer: a [`FrameAt`] from before the bytes
-    /// were moved.
-    pub fn bytes(&self, range: std::ops::Range<usize>) -> &[u8] {
-        &self.buffer[range]
+    /// The buffer up to the end of the last frame returned: where every
+    /// [`FrameAt`] taken since the bytes last moved lies.
+    pub fn framed(&self) -> &[u8] {
+        &self.buffer[..self.start]
     }
 
     /// Drops the bytes already returned as frames once they are half the buffer (or
@@ -176,7 +173,8 @@ impl FrameDecoder {
     }
 
     /// As [`next_frame`](Self::next_frame), but says where the frame lies instead of
-    /// borrowing it: read it with [`bytes`](Self::bytes) or [`frame`](Self::frame).
+    /// borrowing it: read it with [`frame`](Self::frame) or in
+    /// [`framed`](Self::framed).
     ///
     /// # Errors
     /// As [`next_frame`](Self::next_frame).
@@ -210,11 +208,12 @@ impl FrameDecoder {
     /// The frame at `at`.
     ///
     /// # Panics
-    /// As [`bytes`](Self::bytes).
+    /// If `at` is not within the buffer: a [`FrameAt`] from before the bytes were
+    /// moved.
     pub fn frame(&self, at: &FrameAt) -> Frame<'_> {
         Frame {
             kind: at.kind,
-            payload: self.bytes(at.payload.clone()),
+            payload: &self.framed()[at.payload.clone()],
         }
     }
 

@@ -342,10 +342,13 @@ fn sealing_floor(root: &Path, scratch: &Path) -> (f64, u64) {
         .write(true)
         .open(scratch)
         .expect("a spool file");
-    let (mut unsynced, mut batch, mut sealed) = (0_u64, Vec::new(), 0_u64);
+    // Bytes sealed (written), written since the last sync, and read back.
+    let (mut sealed, mut unsynced, mut read) = (0_u64, 0_u64, 0_u64);
+    let mut batch = Vec::new();
     let mut back = Vec::new();
-    let mut read_back = |spool: &mut fs::File, batch: &mut Vec<u64>| {
-        let mut at = spool.stream_position().expect("a position") - batch.iter().sum::<u64>();
+    // Reads back the objects (their lengths) written last, `bytes` in all.
+    let mut read_back = |spool: &mut fs::File, batch: &mut Vec<u64>, bytes: u64| {
+        let mut at = spool.stream_position().expect("a position") - bytes;
         for len in batch.drain(..) {
             back.resize(len as usize, 0);
             spool.seek(SeekFrom::Start(at)).expect("seek");
@@ -376,14 +379,15 @@ fn sealing_floor(root: &Path, scratch: &Path) -> (f64, u64) {
                 spool.sync_data().expect("synced");
                 unsynced = 0;
             }
-            if batch.iter().sum::<u64>() >= 32 << 20 {
-                read_back(&mut spool, &mut batch);
+            if sealed - read >= 32 << 20 {
+                read_back(&mut spool, &mut batch, sealed - read);
+                read = sealed;
             }
         }
         buffer = Some(chunker.into_buffer());
     });
     spool.sync_data().expect("synced");
-    read_back(&mut spool, &mut batch);
+    read_back(&mut spool, &mut batch, sealed - read);
     let cpu = cpu_seconds() - cpu;
     drop(spool);
     fs::remove_file(scratch).expect("removed");

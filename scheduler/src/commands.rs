@@ -266,6 +266,7 @@ pub fn backup_sets(
         }
     }
     let spool_limit = config.spool.limit_mib.saturating_mul(1 << 20);
+    let sealing_threads = config.seal.threads();
     let mut spool = crate::spool::Spool::open(db, &paths.state)?;
     // What the link carries may leave the spool, whichever set sealed it.
     let upload_classes: Vec<u8> = match &plan.policy {
@@ -288,7 +289,7 @@ pub fn backup_sets(
                     spool: &mut spool,
                     remote: if upload { remote.as_mut() } else { None },
                     spool_limit,
-                    sealing_threads: config.seal.threads(),
+                    sealing_threads,
                     skip: vec![paths.state.clone(), paths.config.clone()],
                     progress,
                     host: host.clone(),

@@ -39,21 +39,21 @@ use tokio::net::{TcpListener, TcpStream};
 
 const OBJECT: usize = 64 * 1024;
 
-/// CPU time this process (client and server alike) has used, user and system.
-fn cpu_seconds() -> f64 {
-    let usage = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF).unwrap();
-    let seconds = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
-    seconds(usage.user_time()) + seconds(usage.system_time())
-}
-
-/// CPU time the calling thread has used, where the system can tell (elsewhere,
-/// the process's): what the store floor measures is its own thread's work, not
-/// the runtime's.
-fn thread_cpu_seconds() -> f64 {
+/// CPU time used, user and system: by this process (client and server alike),
+/// or by the calling thread where the system can tell (elsewhere, the process's).
+fn cpu_seconds(thread: bool) -> f64 {
+    use nix::sys::resource::UsageWho;
     #[cfg(target_os = "linux")]
-    let who = nix::sys::resource::UsageWho::RUSAGE_THREAD;
+    let who = if thread {
+        UsageWho::RUSAGE_THREAD
+    } else {
+        UsageWho::RUSAGE_SELF
+    };
     #[cfg(not(target_os = "linux"))]
-    let who = nix::sys::resource::UsageWho::RUSAGE_SELF;
+    let who = {
+        let _ = thread;
+        UsageWho::RUSAGE_SELF
+    };
     let usage = nix::sys::resource::getrusage(who).unwrap();
     let seconds = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
     seconds(usage.user_time()) + seconds(usage.system_time())
@@ -162,7 +162,7 @@ async fn raw_round(
     });
     let payload: Vec<u8> = (0..OBJECT).map(|i| (i * 31 % 251) as u8).collect();
     let (mut tls, meter) = connect(raw_address, config).await;
-    let cpu_before = cpu_seconds();
+    let cpu_before = cpu_seconds(false);
     let start = Instant::now();
     for _ in 0..total / OBJECT {
         tls.write_all(&payload).await.unwrap();
@@ -171,7 +171,7 @@ async fn raw_round(
     let mut confirm = [0_u8; 8];
     tls.read_exact(&mut confirm).await.unwrap();
     let seconds = start.elapsed().as_secs_f64();
-    let cpu = cpu_seconds() - cpu_before;
+    let cpu = cpu_seconds(false) - cpu_before;
     assert_eq!(u64::from_le_bytes(confirm), total as u64);
     let mb = total as f64 / 1e6;
     (mb / seconds, 1000.0 * cpu / mb, meter.read().0)
@@ -204,7 +204,7 @@ async fn upload_round(
     })
     .await;
     let (handshake_up, _) = meter.read();
-    let cpu_before = cpu_seconds();
+    let cpu_before = cpu_seconds(false);
     let start = Instant::now();
     let acks = tokio::spawn(async move {
         for _ in 0..count {
@@ -253,7 +253,7 @@ async fn upload_round(
     writer.flush().await.unwrap();
     acks.await.unwrap();
     let seconds = start.elapsed().as_secs_f64();
-    let cpu = cpu_seconds() - cpu_before;
+    let cpu = cpu_seconds(false) - cpu_before;
     let mb = total as f64 / 1e6;
     (
         mb / seconds,
@@ -272,7 +272,7 @@ fn store_floor(dir: &Path, total: usize) -> f64 {
     let payload: Vec<u8> = (0..OBJECT).map(|i| (i * 31 % 251) as u8).collect();
     let path = dir.join("floor-segment");
     let mut file = std::fs::File::create(&path).unwrap();
-    let cpu_before = thread_cpu_seconds();
+    let cpu_before = cpu_seconds(true);
     let mut unsynced = 0;
     for _ in 0..total / OBJECT {
         std::hint::black_box(blake3::hash(&payload));
@@ -284,7 +284,7 @@ fn store_floor(dir: &Path, total: usize) -> f64 {
         }
     }
     file.sync_data().unwrap();
-    let cpu = thread_cpu_seconds() - cpu_before;
+    let cpu = cpu_seconds(true) - cpu_before;
     drop(file);
     std::fs::remove_file(&path).unwrap();
     1000.0 * cpu / (total as f64 / 1e6)

@@ -1922,3 +1922,236 @@ fn the_daemon_runs_on_the_last_good_policies_while_a_file_is_broken() {
     let _ = daemon.kill();
     let _ = daemon.wait();
 }
+
+/// A read-only file system served by this test process (FUSE) whose files can
+/// fail to read from a given offset on, as a disk with a bad sector does.
+#[cfg(target_os = "linux")]
+mod failing {
+    use std::ffi::OsStr;
+    use std::path::Path;
+    use std::time::{Duration, SystemTime};
+
+    use fuser::{
+        Config, Errno, FileAttr, FileHandle, FileType, Filesystem, Generation, INodeNo, LockOwner,
+        MountOption, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEntry, Request,
+    };
+
+    pub(super) struct File {
+        pub(super) name: &'static str,
+        pub(super) data: Vec<u8>,
+        /// Every read that reaches this offset fails with EIO.
+        pub(super) fails_from: Option<u64>,
+    }
+
+    struct Tree {
+        files: Vec<File>,
+        mtime: SystemTime,
+    }
+
+    const TTL: Duration = Duration::from_secs(60);
+
+    impl Tree {
+        fn file(&self, ino: INodeNo) -> Option<&File> {
+            usize::try_from(u64::from(ino))
+                .ok()?
+                .checked_sub(2)
+                .and_then(|i| self.files.get(i))
+        }
+
+        fn attr(&self, ino: INodeNo) -> Option<FileAttr> {
+            let (kind, perm, size, nlink) = if ino == INodeNo::ROOT {
+                (FileType::Directory, 0o755, 0, 2)
+            } else {
+                let file = self.file(ino)?;
+                (FileType::RegularFile, 0o644, file.data.len() as u64, 1)
+            };
+            Some(FileAttr {
+                ino,
+                size,
+                blocks: size.div_ceil(512),
+                atime: self.mtime,
+                mtime: self.mtime,
+                ctime: self.mtime,
+                crtime: self.mtime,
+                kind,
+                perm,
+                nlink,
+                uid: 0,
+                gid: 0,
+                rdev: 0,
+                flags: 0,
+                blksize: 4096,
+            })
+        }
+    }
+
+    impl Filesystem for Tree {
+        fn lookup(&self, _: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+            let found = (parent == INodeNo::ROOT)
+                .then(|| self.files.iter().position(|f| OsStr::new(f.name) == name))
+                .flatten()
+                .and_then(|i| self.attr(INodeNo(i as u64 + 2)));
+            match found {
+                Some(attr) => reply.entry(&TTL, &attr, Generation(0)),
+                None => reply.error(Errno::ENOENT),
+            }
+        }
+
+        fn getattr(&self, _: &Request, ino: INodeNo, _: Option<FileHandle>, reply: ReplyAttr) {
+            match self.attr(ino) {
+                Some(attr) => reply.attr(&TTL, &attr),
+                None => reply.error(Errno::ENOENT),
+            }
+        }
+
+        fn read(
+            &self,
+            _: &Request,
+            ino: INodeNo,
+            _: FileHandle,
+            offset: u64,
+            size: u32,
+            _: OpenFlags,
+            _: Option<LockOwner>,
+            reply: ReplyData,
+        ) {
+            let Some(file) = self.file(ino) else {
+                return reply.error(Errno::ENOENT);
+            };
+            let end = offset.saturating_add(u64::from(size));
+            if file.fails_from.is_some_and(|bad| end > bad) {
+                return reply.error(Errno::EIO);
+            }
+            let len = file.data.len() as u64;
+            let range = offset.min(len) as usize..end.min(len) as usize;
+            reply.data(&file.data[range]);
+        }
+
+        fn readdir(
+            &self,
+            _: &Request,
+            ino: INodeNo,
+            _: FileHandle,
+            offset: u64,
+            mut reply: ReplyDirectory,
+        ) {
+            if ino != INodeNo::ROOT {
+                return reply.error(Errno::ENOTDIR);
+            }
+            let entries = [
+                (INodeNo::ROOT, FileType::Directory, "."),
+                (INodeNo::ROOT, FileType::Directory, ".."),
+            ]
+            .into_iter()
+            .chain(
+                self.files
+                    .iter()
+                    .enumerate()
+                    .map(|(i, f)| (INodeNo(i as u64 + 2), FileType::RegularFile, f.name)),
+            );
+            for (n, (ino, kind, name)) in entries.enumerate().skip(offset as usize) {
+                if reply.add(ino, n as u64 + 1, kind, name) {
+                    break;
+                }
+            }
+            reply.ok();
+        }
+    }
+
+    /// Serves `files` at `dir` until the session is dropped; `None` where this
+    /// process may not mount (not root, or no FUSE in the kernel).
+    pub(super) fn mount(dir: &Path, files: Vec<File>) -> Option<fuser::BackgroundSession> {
+        if !super::is_root() {
+            return None;
+        }
+        let tree = Tree {
+            files,
+            mtime: SystemTime::UNIX_EPOCH + Duration::from_secs(1_780_000_000),
+        };
+        let mut config = Config::default();
+        config.mount_options = vec![
+            MountOption::RO,
+            MountOption::FSName("homing-bad-sectors".to_string()),
+        ];
+        fuser::spawn_mount(tree, dir, &config)
+            .map_err(|error| eprintln!("cannot mount the failing file system: {error}"))
+            .ok()
+    }
+}
+
+#[test]
+#[cfg(target_os = "linux")]
+fn a_read_error_in_the_middle_of_a_file_leaves_that_file_out_and_the_rest_is_backed_up() {
+    let rig = Rig::new("0");
+    let src = rig.dir("src");
+    let good = bytes(81, 300_000, false);
+    let after = bytes(82, 5_000, true);
+    let files = vec![
+        failing::File {
+            name: "after",
+            data: after.clone(),
+            fails_from: None,
+        },
+        // Large enough for the parallel pipeline where the run has threads for it.
+        failing::File {
+            name: "bad-large.img",
+            data: bytes(83, 12 << 20, false),
+            fails_from: Some(6 << 20),
+        },
+        failing::File {
+            name: "bad-small.doc",
+            data: bytes(84, 400_000, false),
+            fails_from: Some(200_000),
+        },
+        failing::File {
+            name: "good",
+            data: good.clone(),
+            fails_from: None,
+        },
+    ];
+    let Some(session) = failing::mount(&src, files) else {
+        eprintln!("skipped: a FUSE file system needs root and /dev/fuse");
+        return;
+    };
+    // Both ways a large file is sealed: in the parallel pipeline (three threads),
+    // and on the walking thread (one).
+    let file = rig.config.join("config.toml");
+    let default_config = fs::read_to_string(&file).unwrap();
+    for threads in [3, 1] {
+        fs::write(
+            &file,
+            format!("{default_config}\n[seal]\nthreads = {threads}\n"),
+        )
+        .unwrap();
+        let out = rig.backup_output(&[&src]);
+        assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+        let summary = summary(&out);
+        assert_eq!(summary["unreadable"], 2, "{summary}");
+        let problems = summary["problems"].to_string();
+        assert!(
+            problems.contains("/bad-large.img") && problems.contains("/bad-small.doc"),
+            "{problems}"
+        );
+        // EIO, whatever the locale says of it.
+        assert!(problems.contains("os error 5"), "{problems}");
+        assert!(!problems.contains("/good") && !problems.contains("/after"));
+        // What could be read is in the snapshot, byte for byte; the damaged files
+        // are not, not even in part.
+        let target = rig.dir(&format!("restored-{threads}"));
+        let out = rig.restore(&snapshot_of(&summary), &target);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let root = restored(&target, &src);
+        assert_eq!(fs::read(root.join("good")).unwrap(), good);
+        assert_eq!(fs::read(root.join("after")).unwrap(), after);
+        assert!(!root.join("bad-large.img").exists() && !root.join("bad-small.doc").exists());
+    }
+    session.umount_and_join().unwrap();
+    // The store holds nothing broken: what was sealed of the damaged files before
+    // the error is either unreferenced or whole.
+    let store = rig.store.to_str().expect("UTF-8");
+    let out = Command::new(binary("homing-store"))
+        .args(["check", "--store", store])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+}

@@ -1213,10 +1213,9 @@ impl<'a> Scan<'a> {
                 )
             });
             let mut failure = None;
+            // On the first failure the loop ends and the receiver is dropped: the
+            // pipeline's next hand-over fails and it stops reading the file.
             for chunk in receiver {
-                if failure.is_some() {
-                    continue;
-                }
                 read += u64::from(chunk.span.len);
                 ids.push(chunk.id);
                 let spooled = match (self.have(&chunk.id), &chunk.object) {
@@ -1233,6 +1232,7 @@ impl<'a> Scan<'a> {
                 };
                 if let Err(error) = spooled {
                     failure = Some(error);
+                    break;
                 }
             }
             let sealed = sealing.join().expect("the sealing thread does not panic");

@@ -169,6 +169,22 @@ impl Rig {
         );
     }
 
+    /// Sets `[seal] threads` in the client's configuration (`None`: the default,
+    /// every core but one, which on a machine of two cores is one).
+    fn set_sealing_threads(&self, threads: Option<u32>) {
+        let file = self.config.join("config.toml");
+        let text = fs::read_to_string(&file).expect("the configuration");
+        // The section is only ever added at the end, by this.
+        let mut text = match text.find("\n[seal]\n") {
+            Some(at) => text[..at].to_string(),
+            None => text,
+        };
+        if let Some(threads) = threads {
+            text.push_str(&format!("\n[seal]\nthreads = {threads}\n"));
+        }
+        fs::write(&file, text).expect("the configuration is written");
+    }
+
     fn restore(&self, snapshot: &str, target: &Path) -> Output {
         self.homing(&[
             "restore",
@@ -402,10 +418,7 @@ fn two_snapshots_restore_identically_to_their_states() {
     // machine of two cores does not use by default (every core but one seals:
     // one); the second, with the default, on the walking thread. Both cut the
     // same chunks, so the second sends only what changed.
-    let file = rig.config.join("config.toml");
-    let default_config = fs::read_to_string(&file).expect("the configuration");
-    fs::write(&file, format!("{default_config}\n[seal]\nthreads = 3\n"))
-        .expect("the configuration is written");
+    rig.set_sealing_threads(Some(3));
     let src = rig.dir("src");
     build_tree(&src, 100 << 20);
     let unreadable = src.join("unreadable");
@@ -431,7 +444,7 @@ fn two_snapshots_restore_identically_to_their_states() {
     }
     let first_id = snapshot_of(&first_summary);
     assert!(first_summary["bytes_read"].as_u64().unwrap() >= 100 << 20);
-    fs::write(&file, &default_config).expect("the configuration is written");
+    rig.set_sealing_threads(None);
 
     // The second state: edits, a deletion, a new file, a renamed directory, a mode
     // change, a change in the middle of the large file.
@@ -591,13 +604,8 @@ fn a_full_disk_under_the_spool_stops_the_backup_and_leaves_no_file_out() {
     // The backup stops and says why; it does not take the full disk for files it
     // could not read, which would leave them out of a snapshot. Both ways a large
     // file is sealed: in the parallel pipeline, and on the walking thread.
-    let file = rig.config.join("config.toml");
-    let default_config = fs::read_to_string(&file).unwrap();
-    for config in [
-        format!("{default_config}\n[seal]\nthreads = 2\n"),
-        default_config.clone(),
-    ] {
-        fs::write(&file, config).unwrap();
+    for threads in [Some(2), None] {
+        rig.set_sealing_threads(threads);
         let out = rig.backup_output(&[&src]);
         let err = stderr(&out);
         assert!(
@@ -1929,6 +1937,8 @@ fn the_daemon_runs_on_the_last_good_policies_while_a_file_is_broken() {
 mod failing {
     use std::ffi::OsStr;
     use std::path::Path;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
     use std::time::{Duration, SystemTime};
 
     use fuser::{
@@ -1937,10 +1947,35 @@ mod failing {
     };
 
     pub(super) struct File {
-        pub(super) name: &'static str,
-        pub(super) data: Vec<u8>,
+        name: &'static str,
+        data: Vec<u8>,
         /// Every read that reaches this offset fails with EIO.
-        pub(super) fails_from: Option<u64>,
+        fails_from: Option<u64>,
+        /// Bytes served, as the kernel asked for them (read-ahead included).
+        served: Arc<AtomicU64>,
+    }
+
+    impl File {
+        pub(super) fn new(name: &'static str, data: Vec<u8>) -> Self {
+            Self {
+                name,
+                data,
+                fails_from: None,
+                served: Arc::default(),
+            }
+        }
+
+        pub(super) fn failing_from(self, offset: u64) -> Self {
+            Self {
+                fails_from: Some(offset),
+                ..self
+            }
+        }
+
+        /// The count of bytes this file has served, to read while it is mounted.
+        pub(super) fn served(&self) -> Arc<AtomicU64> {
+            Arc::clone(&self.served)
+        }
     }
 
     struct Tree {
@@ -2024,6 +2059,7 @@ mod failing {
             }
             let len = file.data.len() as u64;
             let range = offset.min(len) as usize..end.min(len) as usize;
+            file.served.fetch_add(range.len() as u64, Ordering::Relaxed);
             reply.data(&file.data[range]);
         }
 
@@ -2087,27 +2123,11 @@ fn a_read_error_in_the_middle_of_a_file_leaves_that_file_out_and_the_rest_is_bac
     let good = bytes(81, 300_000, false);
     let after = bytes(82, 5_000, true);
     let files = vec![
-        failing::File {
-            name: "after",
-            data: after.clone(),
-            fails_from: None,
-        },
+        failing::File::new("after", after.clone()),
         // Large enough for the parallel pipeline where the run has threads for it.
-        failing::File {
-            name: "bad-large.img",
-            data: bytes(83, 12 << 20, false),
-            fails_from: Some(6 << 20),
-        },
-        failing::File {
-            name: "bad-small.doc",
-            data: bytes(84, 400_000, false),
-            fails_from: Some(200_000),
-        },
-        failing::File {
-            name: "good",
-            data: good.clone(),
-            fails_from: None,
-        },
+        failing::File::new("bad-large.img", bytes(83, 12 << 20, false)).failing_from(6 << 20),
+        failing::File::new("bad-small.doc", bytes(84, 400_000, false)).failing_from(200_000),
+        failing::File::new("good", good.clone()),
     ];
     let Some(session) = failing::mount(&src, files) else {
         eprintln!("skipped: a FUSE file system needs root and /dev/fuse");
@@ -2115,14 +2135,8 @@ fn a_read_error_in_the_middle_of_a_file_leaves_that_file_out_and_the_rest_is_bac
     };
     // Both ways a large file is sealed: in the parallel pipeline (three threads),
     // and on the walking thread (one).
-    let file = rig.config.join("config.toml");
-    let default_config = fs::read_to_string(&file).unwrap();
     for threads in [3, 1] {
-        fs::write(
-            &file,
-            format!("{default_config}\n[seal]\nthreads = {threads}\n"),
-        )
-        .unwrap();
+        rig.set_sealing_threads(Some(threads));
         let out = rig.backup_output(&[&src]);
         assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
         let summary = summary(&out);
@@ -2154,4 +2168,44 @@ fn a_read_error_in_the_middle_of_a_file_leaves_that_file_out_and_the_rest_is_bac
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
+}
+
+#[test]
+#[cfg(target_os = "linux")]
+fn a_full_spool_stops_the_reading_of_a_large_file_at_once() {
+    let rig = Rig::new("0");
+    let spool = rig.config.join("state/spool");
+    fs::create_dir_all(&spool).unwrap();
+    let Some(_mounted) = Mounted::tmpfs(&spool, "4m") else {
+        eprintln!("skipped: mounting a small file system for the spool needs root");
+        return;
+    };
+    let src = rig.dir("src");
+    let image = failing::File::new("disk.img", bytes(91, 64 << 20, false));
+    let served = image.served();
+    let Some(session) = failing::mount(&src, vec![image]) else {
+        eprintln!("skipped: a FUSE file system needs root and /dev/fuse");
+        return;
+    };
+    // A spool with room for 4 MiB of a 64 MiB file that does not compress: the
+    // backup stops, and does not read the rest of the file first. Both ways a
+    // large file is sealed: in the parallel pipeline, and on the walking thread.
+    for threads in [3, 1] {
+        rig.set_sealing_threads(Some(threads));
+        served.store(0, std::sync::atomic::Ordering::Relaxed);
+        let out = rig.backup_output(&[&src]);
+        let err = stderr(&out);
+        assert!(
+            !out.status.success() && out.status.code() != Some(3),
+            "{err}"
+        );
+        assert!(err.contains("os error 28"), "{err}");
+        let read = served.load(std::sync::atomic::Ordering::Relaxed);
+        eprintln!("{threads} sealing threads: {read} bytes of 64 MiB read");
+        assert!(
+            read < 16 << 20,
+            "{threads} sealing threads: {read} bytes of 64 MiB read for a 4 MiB spool"
+        );
+    }
+    session.umount_and_join().unwrap();
 }

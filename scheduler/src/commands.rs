@@ -349,6 +349,19 @@ pub fn backup_sets(
     if let Some(remote) = remote {
         remote.close();
     }
+    // Between runs: what is safe stays safe if this fails.
+    match crate::state::prune_known(db, crate::state::PRUNE_KNOWN_FROM) {
+        Ok(Some((before, after))) => tracing::info!(
+            before,
+            after,
+            "the local record of ids the store holds now keeps only those the sets' trees need"
+        ),
+        Ok(None) => {}
+        Err(error) => tracing::warn!(
+            "cannot prune the local record of ids the store holds (the next run tries again): \
+             {error:#}"
+        ),
+    }
     Ok(outcomes)
 }
 

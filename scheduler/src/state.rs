@@ -256,6 +256,73 @@ pub fn set_refs_head(txn: &redb::WriteTransaction, head: Option<&ObjectId>) -> a
     Ok(())
 }
 
+/// `META` key: how many ids `known` held after it was last pruned (big-endian).
+const KNOWN_AFTER_PRUNING: &str = "known-after-pruning";
+
+/// `known` is pruned only once it holds this many ids (a few MB of state).
+pub const PRUNE_KNOWN_FROM: u64 = 65_536;
+
+/// Drops from `known` every id that no reference table names (of any set, the
+/// committed tree's table and the other one alike), once `known` holds at least
+/// `from` ids and twice as many as after its last pruning: each id added pays
+/// for a constant share of the walk, and the table stays within about twice what
+/// the sets' trees need instead of growing with every version of every file.
+/// Returns the ids held before and after, when it pruned.
+///
+/// An id dropped may still be in the store, kept by an older snapshot. Should
+/// its content come back (a file put back as it was), it is sealed into the
+/// spool again, and the upload's query finds it stored: it is not sent twice.
+/// Call it between runs, not during one.
+///
+/// # Errors
+/// Database errors; nothing is dropped then.
+pub fn prune_known(db: &Database, from: u64) -> anyhow::Result<Option<(u64, u64)>> {
+    let txn = db.begin_write()?;
+    let pruned = {
+        let mut meta = txn.open_table(META)?;
+        let last = meta
+            .get(KNOWN_AFTER_PRUNING)?
+            .and_then(|v| <[u8; 8]>::try_from(v.value()).ok())
+            .map_or(0, u64::from_be_bytes);
+        let mut known = txn.open_table(KNOWN)?;
+        let before = known.len()?;
+        if before < from.max(last.saturating_mul(2)) {
+            None
+        } else {
+            let names: Vec<String> = txn
+                .list_tables()?
+                .filter(|table| set_of_refs_table(table.name()).is_some())
+                .map(|table| table.name().to_string())
+                .collect();
+            let tables = names
+                .iter()
+                .map(|name| txn.open_table(refs_table(name)))
+                .collect::<Result<Vec<_>, _>>()?;
+            let mut failed = None;
+            known.retain(|id, ()| {
+                tables.iter().any(|table| match table.get(id) {
+                    Ok(found) => found.is_some(),
+                    Err(error) => {
+                        failed.get_or_insert(error);
+                        true
+                    }
+                })
+            })?;
+            if let Some(error) = failed {
+                // The transaction is dropped unfinished: nothing is dropped.
+                return Err(error.into());
+            }
+            let after = known.len()?;
+            meta.insert(KNOWN_AFTER_PRUNING, after.to_be_bytes().as_slice())?;
+            Some((before, after))
+        }
+    };
+    if pruned.is_some() {
+        txn.commit()?;
+    }
+    Ok(pruned)
+}
+
 /// Bytes and objects in the spool.
 ///
 /// # Errors
@@ -396,6 +463,67 @@ impl IndexEntry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn known_keeps_what_a_reference_table_names_and_is_pruned_when_it_doubles() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open(dir.path()).unwrap();
+        let id = |n: u32| {
+            let mut bytes = [0_u8; 32];
+            bytes[..4].copy_from_slice(&n.to_be_bytes());
+            bytes
+        };
+        let add_known = |range: std::ops::Range<u32>| {
+            let txn = db.begin_write().unwrap();
+            {
+                let mut known = txn.open_table(KNOWN).unwrap();
+                for n in range {
+                    known.insert(&id(n), ()).unwrap();
+                }
+            }
+            txn.commit().unwrap();
+        };
+        let known = || -> Vec<u32> {
+            let txn = db.begin_read().unwrap();
+            let table = txn.open_table(KNOWN).unwrap();
+            table
+                .iter()
+                .unwrap()
+                .map(|item| {
+                    let bytes = *item.unwrap().0.value();
+                    u32::from_be_bytes(bytes[..4].try_into().unwrap())
+                })
+                .collect()
+        };
+        // Set `a`: its committed tree needs 0..10, the tree being built 20..25;
+        // set `b` (never committed) 5..15.
+        let txn = db.begin_write().unwrap();
+        for (name, range) in [
+            (refs_table_name("a", 0), 0..10),
+            (refs_table_name("a", 1), 20..25),
+            (refs_table_name("b", 0), 5..15),
+        ] {
+            let mut table = txn.open_table(refs_table(&name)).unwrap();
+            for n in range {
+                table.insert(&id(n), ()).unwrap();
+            }
+        }
+        txn.commit().unwrap();
+        add_known(0..40);
+        // Below the threshold nothing happens.
+        assert_eq!(prune_known(&db, 41).unwrap(), None);
+        assert_eq!(known().len(), 40);
+        assert_eq!(prune_known(&db, 40).unwrap(), Some((40, 20)));
+        let expected: Vec<u32> = (0..15).chain(20..25).collect();
+        assert_eq!(known(), expected);
+        // The next pruning waits until the table has doubled again.
+        add_known(100..119);
+        assert_eq!(prune_known(&db, 0).unwrap(), None);
+        assert_eq!(known().len(), 39);
+        add_known(119..120);
+        assert_eq!(prune_known(&db, 0).unwrap(), Some((40, 20)));
+        assert_eq!(known(), expected);
+    }
 
     #[test]
     fn index_entries_round_trip() {

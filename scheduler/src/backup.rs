@@ -609,8 +609,7 @@ impl Iterator for Difference<'_> {
 /// Forgets which ids the store holds and the set's index.
 fn forget_known(db: &Database, set: &str) -> anyhow::Result<()> {
     let txn = db.begin_write()?;
-    txn.delete_table(KNOWN)?;
-    txn.open_table(KNOWN)?;
+    state::clear_known(&txn)?;
     let name = state::index_name(set);
     txn.delete_table(state::index_table(&name))?;
     // The next commit sends the whole list.

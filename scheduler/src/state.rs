@@ -169,13 +169,19 @@ pub fn set_of_refs_table(name: &str) -> Option<&str> {
 /// Database errors.
 pub fn scanned_sets(db: &Database) -> anyhow::Result<std::collections::BTreeSet<String>> {
     let txn = db.begin_read()?;
-    let mut sets = std::collections::BTreeSet::new();
-    for table in txn.list_tables()? {
-        if let Some(set) = set_of_refs_table(table.name()) {
-            sets.insert(set.to_string());
-        }
-    }
-    Ok(sets)
+    Ok(refs_table_names(txn.list_tables()?)
+        .iter()
+        .filter_map(|name| set_of_refs_table(name))
+        .map(str::to_string)
+        .collect())
+}
+
+/// The names of the reference tables among `tables`.
+fn refs_table_names(tables: impl Iterator<Item = redb::UntypedTableHandle>) -> Vec<String> {
+    tables
+        .map(|table| table.name().to_string())
+        .filter(|name| set_of_refs_table(name).is_some())
+        .collect()
 }
 
 /// The reference table named `name` (from [`refs_table_name`]).
@@ -289,24 +295,22 @@ pub fn prune_known(db: &Database, from: u64) -> anyhow::Result<Option<(u64, u64)
         if before < from.max(last.saturating_mul(2)) {
             None
         } else {
-            let names: Vec<String> = txn
-                .list_tables()?
-                .filter(|table| set_of_refs_table(table.name()).is_some())
-                .map(|table| table.name().to_string())
-                .collect();
+            let names = refs_table_names(txn.list_tables()?);
             let tables = names
                 .iter()
                 .map(|name| txn.open_table(refs_table(name)))
                 .collect::<Result<Vec<_>, _>>()?;
             let mut failed = None;
             known.retain(|id, ()| {
-                tables.iter().any(|table| match table.get(id) {
-                    Ok(found) => found.is_some(),
-                    Err(error) => {
-                        failed.get_or_insert(error);
-                        true
-                    }
-                })
+                // After a failure nothing is dropped: keep the rest as it is.
+                failed.is_some()
+                    || tables.iter().any(|table| match table.get(id) {
+                        Ok(found) => found.is_some(),
+                        Err(error) => {
+                            failed.get_or_insert(error);
+                            true
+                        }
+                    })
             })?;
             if let Some(error) = failed {
                 // The transaction is dropped unfinished: nothing is dropped.
@@ -321,6 +325,18 @@ pub fn prune_known(db: &Database, from: u64) -> anyhow::Result<Option<(u64, u64)
         txn.commit()?;
     }
     Ok(pruned)
+}
+
+/// Forgets every id the store was known to hold, and when `known` was last
+/// pruned, in the caller's transaction.
+///
+/// # Errors
+/// Database errors.
+pub fn clear_known(txn: &redb::WriteTransaction) -> anyhow::Result<()> {
+    txn.delete_table(KNOWN)?;
+    txn.open_table(KNOWN)?;
+    txn.open_table(META)?.remove(KNOWN_AFTER_PRUNING)?;
+    Ok(())
 }
 
 /// Bytes and objects in the spool.
@@ -523,6 +539,14 @@ mod tests {
         add_known(119..120);
         assert_eq!(prune_known(&db, 0).unwrap(), Some((40, 20)));
         assert_eq!(known(), expected);
+        // Forgotten, `known` is pruned again from the threshold alone.
+        let txn = db.begin_write().unwrap();
+        clear_known(&txn).unwrap();
+        txn.commit().unwrap();
+        assert!(known().is_empty());
+        add_known(100..130);
+        assert_eq!(prune_known(&db, 31).unwrap(), None);
+        assert_eq!(prune_known(&db, 30).unwrap(), Some((30, 0)));
     }
 
     #[test]

@@ -173,7 +173,8 @@ enum CaCommand {
 enum AccountCommand {
     /// Create an account.
     Add {
-        /// The account name (1-64 of lower-case letters, digits, '.', '_', '-').
+        /// The account name (1-64 of lower-case letters, digits, '.', '_', '-'; not
+        /// starting with '.').
         name: String,
         #[command(flatten)]
         store: StoreArg,

@@ -234,6 +234,17 @@ fn bytes(seed: u64, len: usize, text: bool) -> Vec<u8> {
     out
 }
 
+/// A test that needs what this process lacks (root, a mount) returns after
+/// saying so, unless `HOMING_REQUIRE_MOUNTS` is set (as CI sets it, running as
+/// root): there it must run, and fails instead.
+fn skip(why: &str) {
+    assert!(
+        std::env::var_os("HOMING_REQUIRE_MOUNTS").is_none(),
+        "{why}, and HOMING_REQUIRE_MOUNTS is set"
+    );
+    eprintln!("skipped: {why}");
+}
+
 fn is_root() -> bool {
     // The uid of this process, without a libc dependency: /proc/self is owned by it.
     fs::metadata("/proc/self")
@@ -586,7 +597,7 @@ fn a_full_disk_under_the_spool_stops_the_backup_and_leaves_no_file_out() {
     let spool = rig.config.join("state/spool");
     fs::create_dir_all(&spool).unwrap();
     let Some(mounted) = Mounted::tmpfs(&spool, "4m") else {
-        eprintln!("skipped: mounting a small file system for the spool needs root");
+        skip("mounting a small file system for the spool needs root");
         return;
     };
     // 12 MiB that does not compress, for a spool with room for 4: a large file
@@ -2121,16 +2132,17 @@ fn a_read_error_in_the_middle_of_a_file_leaves_that_file_out_and_the_rest_is_bac
     let rig = Rig::new("0");
     let src = rig.dir("src");
     let good = bytes(81, 300_000, false);
-    let after = bytes(82, 5_000, true);
+    // Named to come after the damaged files in the walk.
+    let later = bytes(82, 5_000, true);
     let files = vec![
-        failing::File::new("after", after.clone()),
+        failing::File::new("later", later.clone()),
         // Large enough for the parallel pipeline where the run has threads for it.
         failing::File::new("bad-large.img", bytes(83, 12 << 20, false)).failing_from(6 << 20),
         failing::File::new("bad-small.doc", bytes(84, 400_000, false)).failing_from(200_000),
         failing::File::new("good", good.clone()),
     ];
     let Some(session) = failing::mount(&src, files) else {
-        eprintln!("skipped: a FUSE file system needs root and /dev/fuse");
+        skip("a FUSE file system needs root and /dev/fuse");
         return;
     };
     // Both ways a large file is sealed: in the parallel pipeline (three threads),
@@ -2148,7 +2160,7 @@ fn a_read_error_in_the_middle_of_a_file_leaves_that_file_out_and_the_rest_is_bac
         );
         // EIO, whatever the locale says of it.
         assert!(problems.contains("os error 5"), "{problems}");
-        assert!(!problems.contains("/good") && !problems.contains("/after"));
+        assert!(!problems.contains("/good") && !problems.contains("/later"));
         // What could be read is in the snapshot, byte for byte; the damaged files
         // are not, not even in part.
         let target = rig.dir(&format!("restored-{threads}"));
@@ -2156,7 +2168,7 @@ fn a_read_error_in_the_middle_of_a_file_leaves_that_file_out_and_the_rest_is_bac
         assert!(out.status.success(), "{}", stderr(&out));
         let root = restored(&target, &src);
         assert_eq!(fs::read(root.join("good")).unwrap(), good);
-        assert_eq!(fs::read(root.join("after")).unwrap(), after);
+        assert_eq!(fs::read(root.join("later")).unwrap(), later);
         assert!(!root.join("bad-large.img").exists() && !root.join("bad-small.doc").exists());
     }
     session.umount_and_join().unwrap();
@@ -2177,14 +2189,14 @@ fn a_full_spool_stops_the_reading_of_a_large_file_at_once() {
     let spool = rig.config.join("state/spool");
     fs::create_dir_all(&spool).unwrap();
     let Some(_mounted) = Mounted::tmpfs(&spool, "4m") else {
-        eprintln!("skipped: mounting a small file system for the spool needs root");
+        skip("mounting a small file system for the spool needs root");
         return;
     };
     let src = rig.dir("src");
     let image = failing::File::new("disk.img", bytes(91, 64 << 20, false));
     let served = image.served();
     let Some(session) = failing::mount(&src, vec![image]) else {
-        eprintln!("skipped: a FUSE file system needs root and /dev/fuse");
+        skip("a FUSE file system needs root and /dev/fuse");
         return;
     };
     // A spool with room for 4 MiB of a 64 MiB file that does not compress: the

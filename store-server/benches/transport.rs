@@ -157,69 +157,21 @@ async fn raw_round(
     total: usize,
     store: Option<&Path>,
 ) -> (f64, f64, u64) {
-    const BATCH: usize = 1 << 20;
     let raw_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let raw_address = raw_listener.local_addr().unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(raw_config);
-    let mut segment = store.map(|dir| {
-        let path = dir.join("ceiling-segment");
-        (std::fs::File::create(&path).unwrap(), path)
-    });
+    let segment_path = store.map(|dir| dir.join("bare-segment"));
+    let segment = segment_path
+        .as_ref()
+        .map(|path| std::fs::File::create(path).unwrap());
     let server = tokio::spawn(async move {
         let (tcp, _) = raw_listener.accept().await.unwrap();
         tcp.set_nodelay(true).unwrap();
         let mut tls = acceptor.accept(tcp).await.unwrap();
-        let mut total = 0_u64;
-        match segment.take() {
-            None => {
-                let mut buffer = vec![0_u8; 256 * 1024];
-                loop {
-                    let n = tls.read(&mut buffer).await.unwrap();
-                    if n == 0 {
-                        break;
-                    }
-                    total += n as u64;
-                }
-            }
-            Some((file, path)) => {
-                let store = |mut batch: Vec<u8>, mut file: std::fs::File| {
-                    use std::io::Write;
-                    for object in batch.chunks(OBJECT) {
-                        std::hint::black_box(blake3::hash(object));
-                    }
-                    file.write_all(&batch).unwrap();
-                    file.sync_data().unwrap();
-                    batch.clear();
-                    (batch, file)
-                };
-                let mut batch = Vec::with_capacity(BATCH + 256 * 1024);
-                let mut spare = Vec::with_capacity(BATCH + 256 * 1024);
-                let mut storing: Option<tokio::task::JoinHandle<(Vec<u8>, std::fs::File)>> = None;
-                let mut file = Some(file);
-                loop {
-                    // Never past the capacity: a batch is sent on once it holds 1 MiB.
-                    let n = tls.read_buf(&mut batch).await.unwrap();
-                    total += n as u64;
-                    if batch.len() >= BATCH || (n == 0 && !batch.is_empty()) {
-                        if let Some(handle) = storing.take() {
-                            let (back, f) = handle.await.unwrap();
-                            spare = back;
-                            file = Some(f);
-                        }
-                        let full = std::mem::replace(&mut batch, std::mem::take(&mut spare));
-                        let f = file.take().unwrap();
-                        storing = Some(tokio::task::spawn_blocking(move || store(full, f)));
-                    }
-                    if n == 0 {
-                        break;
-                    }
-                }
-                if let Some(handle) = storing {
-                    drop(handle.await.unwrap());
-                }
-                std::fs::remove_file(path).unwrap();
-            }
-        }
+        let total = match segment {
+            None => discard(&mut tls).await,
+            Some(file) => store_bare(&mut tls, file).await,
+        };
         tls.write_all(&total.to_le_bytes()).await.unwrap();
         tls.shutdown().await.unwrap();
     });
@@ -237,8 +189,68 @@ async fn raw_round(
     let cpu = cpu_seconds(false) - cpu_before;
     assert_eq!(u64::from_le_bytes(confirm), total as u64);
     server.await.unwrap();
+    if let Some(path) = segment_path {
+        std::fs::remove_file(path).unwrap();
+    }
     let mb = total as f64 / 1e6;
     (mb / seconds, 1000.0 * cpu / mb, meter.read().0)
+}
+
+/// Raw TLS's receiver: reads to the end and throws the bytes away. How many.
+async fn discard(tls: &mut (impl AsyncRead + Unpin)) -> u64 {
+    let mut buffer = vec![0_u8; 256 * 1024];
+    let mut total = 0_u64;
+    loop {
+        let n = tls.read(&mut buffer).await.unwrap();
+        if n == 0 {
+            return total;
+        }
+        total += n as u64;
+    }
+}
+
+/// The bare store's receiver: reads to the end, and each 1 MiB that gathers goes
+/// to a blocking thread that hashes its objects, appends it to `file` and syncs,
+/// while the next gathers. How many bytes.
+async fn store_bare(tls: &mut (impl AsyncRead + Unpin), file: std::fs::File) -> u64 {
+    const BATCH: usize = 1 << 20;
+    fn store(mut batch: Vec<u8>, mut file: std::fs::File) -> (Vec<u8>, std::fs::File) {
+        use std::io::Write;
+        for object in batch.chunks(OBJECT) {
+            std::hint::black_box(blake3::hash(object));
+        }
+        file.write_all(&batch).unwrap();
+        file.sync_data().unwrap();
+        batch.clear();
+        (batch, file)
+    }
+    let mut batch = Vec::with_capacity(BATCH + 256 * 1024);
+    let mut spare = Vec::with_capacity(BATCH + 256 * 1024);
+    let mut file = Some(file);
+    let mut storing: Option<tokio::task::JoinHandle<(Vec<u8>, std::fs::File)>> = None;
+    let mut total = 0_u64;
+    loop {
+        // Never past the capacity: a batch is sent on once it holds 1 MiB.
+        let n = tls.read_buf(&mut batch).await.unwrap();
+        total += n as u64;
+        if batch.len() >= BATCH || (n == 0 && !batch.is_empty()) {
+            if let Some(handle) = storing.take() {
+                let (back, stored_to) = handle.await.unwrap();
+                spare = back;
+                file = Some(stored_to);
+            }
+            let full = std::mem::replace(&mut batch, std::mem::take(&mut spare));
+            let to = file.take().expect("the file is back from the last batch");
+            storing = Some(tokio::task::spawn_blocking(move || store(full, to)));
+        }
+        if n == 0 {
+            break;
+        }
+    }
+    if let Some(handle) = storing {
+        drop(handle.await.unwrap());
+    }
+    total
 }
 
 /// One round of upload: `total` bytes as 64 KiB objects (new ids each round),

@@ -103,6 +103,8 @@ pub struct Summary {
     pub changed_while_reading: u64,
     /// Sockets and devices, which are not backed up.
     pub skipped_special: u64,
+    /// Cache directories (tagged `CACHEDIR.TAG`) kept empty, their contents left out.
+    pub caches_skipped: u64,
     /// Directories.
     pub dirs: u64,
     /// Bytes of file content in the snapshot.
@@ -606,6 +608,25 @@ impl Iterator for Difference<'_> {
     }
 }
 
+/// What a cache directory's `CACHEDIR.TAG` begins with (the Cache Directory
+/// Tagging Specification): a file of that name without it tags nothing.
+const CACHEDIR_SIGNATURE: &[u8] = b"Signature: 8a477f597d28d172789f06886806bc55";
+
+/// Whether `dir` is tagged as a cache directory. A tag that cannot be read is no
+/// tag: the directory is backed up, and what cannot be read in it is named. Only
+/// a regular file is opened (a FIFO of that name would block the walk).
+fn is_cache_dir(dir: &Path) -> bool {
+    use std::io::Read;
+    let tag = dir.join("CACHEDIR.TAG");
+    if !std::fs::symlink_metadata(&tag).is_ok_and(|m| m.is_file()) {
+        return false;
+    }
+    let mut start = [0_u8; CACHEDIR_SIGNATURE.len()];
+    std::fs::File::open(&tag)
+        .and_then(|mut file| file.read_exact(&mut start))
+        .is_ok_and(|()| start == CACHEDIR_SIGNATURE)
+}
+
 /// Forgets which ids the store holds and the set's index.
 fn forget_known(db: &Database, set: &str) -> anyhow::Result<()> {
     let txn = db.begin_write()?;
@@ -972,11 +993,19 @@ impl<'a> Scan<'a> {
                 continue;
             }
             let name = name.as_bytes().to_vec();
-            if meta.is_dir()
+            let mount_point = meta.is_dir()
                 && self.set.one_file_system
-                && self.root_device.is_some_and(|d| d != meta.dev())
-            {
-                // A mount point: kept as an empty directory, not entered.
+                && self.root_device.is_some_and(|d| d != meta.dev());
+            let cache = meta.is_dir() && self.set.exclude_caches && is_cache_dir(&child);
+            if mount_point || cache {
+                // Kept as an empty directory, not entered.
+                if cache {
+                    self.summary.caches_skipped += 1;
+                    tracing::debug!(
+                        "{}: a cache directory (CACHEDIR.TAG), left out",
+                        child.display()
+                    );
+                }
                 let id = self.tree(&[])?;
                 entries.push(make_entry(name, &meta, Kind::Dir(id)));
                 continue;

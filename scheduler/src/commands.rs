@@ -95,6 +95,7 @@ pub fn backup(paths: &Paths, args: &BackupArgs) -> anyhow::Result<ExitCode> {
             exclude: configured.map(|s| s.exclude.clone()).unwrap_or_default(),
             priority: configured.map_or(Priority::Normal, |s| s.priority),
             one_file_system: configured.is_some_and(|s| s.one_file_system),
+            exclude_caches: configured.is_none_or(|s| s.exclude_caches),
         }]
     };
     let progress = !args.json && std::io::stderr().is_terminal();

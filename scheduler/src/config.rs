@@ -20,6 +20,7 @@
 //! exclude = ["target/", "*.iso", ".cache/"]   # gitignore-style
 //! priority = "normal"                 # critical, normal or bulk
 //! one_file_system = true
+//! exclude_caches = true               # skip directories tagged CACHEDIR.TAG (the default)
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -154,6 +155,24 @@ pub struct BackupSet {
     /// Do not cross into other file systems (mount points) below the paths.
     #[serde(default)]
     pub one_file_system: bool,
+    /// Leave out the contents of cache directories, those that hold a
+    /// `CACHEDIR.TAG` file with the standard signature (cargo's `target/`, many
+    /// browsers' and build tools' caches): they are kept as empty directories.
+    /// On by default; `false` backs them up like any other directory.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub exclude_caches: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[expect(
+    clippy::trivially_copy_pass_by_ref,
+    reason = "serde passes a reference"
+)]
+fn is_true(value: &bool) -> bool {
+    *value
 }
 
 impl Config {
@@ -336,6 +355,30 @@ priority = "critical"
         let again = Config::parse(&text, Path::new("c.toml"), dir.path()).unwrap();
         assert_eq!(again.seal.threads(), 3);
         assert_eq!(again.sets, config.sets);
+    }
+
+    #[test]
+    fn caches_are_left_out_unless_a_set_says_otherwise_and_saved_only_then() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config::parse(GOOD, Path::new("c.toml"), dir.path()).unwrap();
+        assert!(config.sets[0].exclude_caches);
+        config.save(dir.path()).unwrap();
+        let text = std::fs::read_to_string(dir.path().join(FILE_NAME)).unwrap();
+        assert!(!text.contains("exclude_caches"), "{text}");
+        config.sets[0].exclude_caches = false;
+        config.save(dir.path()).unwrap();
+        let text = std::fs::read_to_string(dir.path().join(FILE_NAME)).unwrap();
+        assert!(text.contains("exclude_caches = false"), "{text}");
+        let again = Config::parse(&text, Path::new("c.toml"), dir.path()).unwrap();
+        assert!(!again.sets[0].exclude_caches);
+        let bad = GOOD.replace("priority = \"critical\"", "exclude_caches = \"no\"");
+        let error = Config::parse(&bad, Path::new("c.toml"), Path::new("/cfg"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("c.toml:") && error.contains("bool"),
+            "{error}"
+        );
     }
 
     #[test]

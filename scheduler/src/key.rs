@@ -45,13 +45,13 @@ pub fn run(paths: &Paths, command: KeyCommand) -> anyhow::Result<()> {
                 passphrase.as_ref().map(|p| p.as_str()),
                 params,
             )?;
-            println!("{}", to_paper(&master).as_str());
-            println!(
+            say!("{}", to_paper(&master).as_str());
+            say!(
                 "Created master key {} in {}.\n",
                 master.fingerprint(),
                 path.display()
             );
-            println!("{LOSS_WARNING}");
+            say!("{LOSS_WARNING}");
         }
         KeyCommand::Export {
             passphrase_file,

@@ -23,6 +23,24 @@
 //! Unknown commands are refused with a clear message and exit code 2, so that a
 //! script never mistakes them for having worked.
 
+/// Whether the set-up's messages (`init`, a new key's paper form, `quickstart`'s
+/// steps) go to stderr instead of stdout: under `quickstart --json`, whose stdout
+/// is the backup's JSON.
+pub(crate) static MESSAGES_TO_STDERR: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// `println!` for the set-up's messages, which go to stderr where
+/// [`MESSAGES_TO_STDERR`] says so.
+macro_rules! say {
+    ($($arg:tt)*) => {
+        if $crate::MESSAGES_TO_STDERR.load(std::sync::atomic::Ordering::Relaxed) {
+            eprintln!($($arg)*)
+        } else {
+            println!($($arg)*)
+        }
+    };
+}
+
 pub mod backup;
 pub mod cli;
 pub mod commands;

@@ -66,6 +66,7 @@ pub fn init(paths: &Paths, args: InitArgs) -> anyhow::Result<ExitCode> {
             exclude: Vec::new(),
             priority: Priority::Normal,
             one_file_system: false,
+            exclude_caches: true,
         });
     }
     let config = Config {
@@ -90,14 +91,14 @@ pub fn init(paths: &Paths, args: InitArgs) -> anyhow::Result<ExitCode> {
             },
         )?;
     } else {
-        println!(
+        say!(
             "Keeping the existing master key {}.",
             paths.key_file().display()
         );
     }
     config.save(&paths.config)?;
     match request {
-        Some(out) => println!(
+        Some(out) => say!(
             "\nWrote {}. Store: {}.\nThis client's key stays in {}. Take the request {} to \
              the store and sign it there:\n  homing-store ca sign {} --account NAME --store DIR \
              --out PREFIX\nthen bring back PREFIX.crt and PREFIX-ca.crt and run:\n  homing \
@@ -111,7 +112,7 @@ pub fn init(paths: &Paths, args: InitArgs) -> anyhow::Result<ExitCode> {
                 |n| n.to_string_lossy().into_owned()
             ),
         ),
-        None => println!(
+        None => say!(
             "\nWrote {}. Store: {}.\nNext: `homing backup PATH` (or add [[set]] sections to \
              the configuration and run `homing backup`).",
             config_file.display(),
@@ -296,6 +297,9 @@ fn copy_credential(from: &Path, dir: &Path, name: &str, mode: u32) -> anyhow::Re
 /// # Errors
 /// A missing `homing-store` binary, a store that does not start, a failed backup.
 pub fn quickstart(paths: &Paths, args: &QuickstartArgs) -> anyhow::Result<ExitCode> {
+    // With --json, stdout is the backup's JSON alone; the steps (and a new key's
+    // paper form) are still shown, on stderr.
+    crate::MESSAGES_TO_STDERR.store(args.json, std::sync::atomic::Ordering::Relaxed);
     let store_binary = find_store_binary()?;
     let store_dir = match &args.store_dir {
         Some(dir) => std::path::absolute(dir)?,
@@ -321,7 +325,7 @@ pub fn quickstart(paths: &Paths, args: &QuickstartArgs) -> anyhow::Result<ExitCo
     }
     if !store_dir.join("ca").exists() {
         let d = store_dir.to_string_lossy().into_owned();
-        println!("Creating a store in {d} ...");
+        say!("Creating a store in {d} ...");
         run_store(&store_binary, &["init", &d])?;
         run_store(&store_binary, &["account", "add", account, "--store", &d])?;
         std::fs::create_dir_all(store_dir.join("client"))?;
@@ -382,9 +386,10 @@ pub fn quickstart(paths: &Paths, args: &QuickstartArgs) -> anyhow::Result<ExitCo
         exclude,
         priority: Priority::Normal,
         one_file_system: false,
+        exclude_caches: true,
     });
     config.save(&paths.config)?;
-    println!("\nBacking up {} ...", display_paths(&args.paths));
+    say!("\nBacking up {} ...", display_paths(&args.paths));
     let code = commands::backup(
         paths,
         &BackupArgs {
@@ -514,7 +519,7 @@ fn ensure_server(binary: &Path, store_dir: &Path, address: &str) -> anyhow::Resu
     }
     let pid = child.id();
     std::fs::write(&pid_file, format!("{pid}\n"))?;
-    println!("Started the store server on {address} (pid {pid}).");
+    say!("Started the store server on {address} (pid {pid}).");
     Ok(pid)
 }
 

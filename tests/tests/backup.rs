@@ -2221,3 +2221,114 @@ fn a_full_spool_stops_the_reading_of_a_large_file_at_once() {
     }
     session.umount_and_join().unwrap();
 }
+
+/// A cache directory as the Cache Directory Tagging Specification makes one.
+fn tag_as_cache(dir: &Path) {
+    fs::write(
+        dir.join("CACHEDIR.TAG"),
+        "Signature: 8a477f597d28d172789f06886806bc55\n# a cache: regenerated, not backed up\n",
+    )
+    .expect("the tag is written");
+}
+
+#[test]
+fn quickstart_backs_up_a_tree_without_its_caches_and_runs_again() {
+    let home = tempfile::tempdir().unwrap();
+    let config = home.path().join("cfg");
+    let store = home.path().join("store");
+    let src = home.path().join("project");
+    fs::create_dir_all(src.join("src")).unwrap();
+    fs::write(src.join("src/main.rs"), bytes(101, 20_000, true)).unwrap();
+    fs::write(src.join("notes.txt"), bytes(102, 3_000, true)).unwrap();
+    // A build directory tagged as a cache (cargo tags its `target/` so), and one
+    // whose tag lacks the signature, which is therefore no cache.
+    fs::create_dir_all(src.join("target/debug")).unwrap();
+    tag_as_cache(&src.join("target"));
+    fs::write(src.join("target/debug/big.bin"), bytes(103, 2 << 20, false)).unwrap();
+    fs::create_dir(src.join("not-a-cache")).unwrap();
+    fs::write(src.join("not-a-cache/CACHEDIR.TAG"), "Signature: wrong\n").unwrap();
+    fs::write(src.join("not-a-cache/kept"), b"kept\n").unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
+    let quickstart = || {
+        homing(
+            &config,
+            &[
+                OsStr::new("quickstart"),
+                src.as_os_str(),
+                OsStr::new("--store-dir"),
+                store.as_os_str(),
+                OsStr::new("--port"),
+                OsStr::new(&port),
+                OsStr::new("--json"),
+            ],
+        )
+    };
+    let first = quickstart();
+    // The server it started, stopped when the test ends however it ends.
+    struct Server(PathBuf);
+    impl Drop for Server {
+        fn drop(&mut self) {
+            if let Ok(pid) = fs::read_to_string(&self.0) {
+                let _ = Command::new("kill").arg(pid.trim()).status();
+            }
+        }
+    }
+    let _server = Server(store.join("serve.pid"));
+    assert!(first.status.success(), "{}", stderr(&first));
+    let first = summary(&first);
+    assert_eq!(first["caches_skipped"], 1, "{first}");
+    assert!(
+        first["bytes_read"].as_u64().unwrap() < 100_000,
+        "the cache's 2 MiB was read: {first}"
+    );
+    // Run again: the same server, a second snapshot, nothing read again.
+    let again = quickstart();
+    assert!(again.status.success(), "{}", stderr(&again));
+    let again = summary(&again);
+    assert_eq!(again["files_changed"], 0, "{again}");
+    assert_eq!(again["sequence"], 2, "{again}");
+    // The restore has everything but the cache's contents: its directory stays,
+    // empty.
+    let target = home.path().join("restored");
+    let out = homing(
+        &config,
+        &[
+            OsStr::new("restore"),
+            OsStr::new("latest"),
+            OsStr::new("--target"),
+            target.as_os_str(),
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let root = restored(&target, &src);
+    let mut expected = describe(&src);
+    expected.retain(|path, _| !path.starts_with(b"/target/") || path == b"/target");
+    let mut actual = describe(&root);
+    // The empty cache directory's time is the one it had when backed up.
+    actual.remove(b"/target".as_slice());
+    expected.remove(b"/target".as_slice());
+    assert_same(&expected, &actual);
+    assert_eq!(fs::read_dir(root.join("target")).unwrap().count(), 0);
+    // A set that says `exclude_caches = false` backs the cache up too.
+    let file = config.join("config.toml");
+    let text = fs::read_to_string(&file).unwrap();
+    let at = text
+        .find("name = \"quickstart\"")
+        .expect("the quickstart set");
+    let text = format!(
+        "{}name = \"quickstart\"\nexclude_caches = false{}",
+        &text[..at],
+        &text[at + "name = \"quickstart\"".len()..]
+    );
+    fs::write(&file, text).unwrap();
+    let all = homing(&config, &["backup", "--set", "quickstart", "--json"]);
+    assert!(all.status.success(), "{}", stderr(&all));
+    let all = summary(&all);
+    assert_eq!(all["caches_skipped"], 0, "{all}");
+    assert!(all["bytes_read"].as_u64().unwrap() >= 2 << 20, "{all}");
+}

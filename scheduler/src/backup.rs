@@ -162,7 +162,7 @@ impl Summary {
         let mut text = format!(
             "snapshot {} of set `{}` (number {})\n\
              files: {} scanned, {} changed, {} unchanged, {} deleted, {} unreadable, {} changed while read\n\
-             directories: {}\n\
+             directories: {}{}\n\
              read {}, sealed {} in {} new objects, uploaded {} in {} objects\n\
              sent {} on the wire for this set, TLS records included (received {}); the \
              connection, handshake included: {} sent, {} received\n\
@@ -178,6 +178,13 @@ impl Summary {
             self.unreadable,
             self.changed_while_reading,
             self.dirs,
+            match self.caches_skipped {
+                0 => String::new(),
+                n => format!(
+                    " ({n} cache director{} kept empty, their contents left out: CACHEDIR.TAG)",
+                    if n == 1 { "y" } else { "ies" }
+                ),
+            },
             b(self.bytes_read),
             b(self.bytes_sealed),
             self.objects_sealed,
@@ -613,18 +620,24 @@ impl Iterator for Difference<'_> {
 const CACHEDIR_SIGNATURE: &[u8] = b"Signature: 8a477f597d28d172789f06886806bc55";
 
 /// Whether `dir` is tagged as a cache directory. A tag that cannot be read is no
-/// tag: the directory is backed up, and what cannot be read in it is named. Only
-/// a regular file is opened (a FIFO of that name would block the walk).
+/// tag: the directory is backed up, and what cannot be read in it is named. The
+/// tag is opened without following a link and without blocking, and read only
+/// if it is a regular file: a FIFO of that name cannot stop the walk.
 fn is_cache_dir(dir: &Path) -> bool {
     use std::io::Read;
-    let tag = dir.join("CACHEDIR.TAG");
-    if !std::fs::symlink_metadata(&tag).is_ok_and(|m| m.is_file()) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let flags = nix::fcntl::OFlag::O_NONBLOCK | nix::fcntl::OFlag::O_NOFOLLOW;
+    let Ok(mut tag) = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(flags.bits())
+        .open(dir.join("CACHEDIR.TAG"))
+    else {
         return false;
-    }
+    };
     let mut start = [0_u8; CACHEDIR_SIGNATURE.len()];
-    std::fs::File::open(&tag)
-        .and_then(|mut file| file.read_exact(&mut start))
-        .is_ok_and(|()| start == CACHEDIR_SIGNATURE)
+    tag.metadata().is_ok_and(|m| m.is_file())
+        && tag.read_exact(&mut start).is_ok()
+        && start == CACHEDIR_SIGNATURE
 }
 
 /// Forgets which ids the store holds and the set's index.
@@ -996,7 +1009,9 @@ impl<'a> Scan<'a> {
             let mount_point = meta.is_dir()
                 && self.set.one_file_system
                 && self.root_device.is_some_and(|d| d != meta.dev());
-            let cache = meta.is_dir() && self.set.exclude_caches && is_cache_dir(&child);
+            // A mount point left out is not looked into for a tag.
+            let cache =
+                !mount_point && meta.is_dir() && self.set.exclude_caches && is_cache_dir(&child);
             if mount_point || cache {
                 // Kept as an empty directory, not entered.
                 if cache {
@@ -1496,6 +1511,43 @@ fn index_entry(meta: &Metadata, content: Content, chunks: Vec<ObjectId>) -> Inde
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_regular_tag_with_the_signature_makes_a_cache_directory() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = |name: &str| {
+            let dir = root.path().join(name);
+            std::fs::create_dir(&dir).unwrap();
+            dir
+        };
+        let tagged = dir("tagged");
+        std::fs::write(
+            tagged.join("CACHEDIR.TAG"),
+            b"Signature: 8a477f597d28d172789f06886806bc55\n# made by a test\n",
+        )
+        .unwrap();
+        assert!(is_cache_dir(&tagged));
+        let untagged = dir("untagged");
+        assert!(!is_cache_dir(&untagged));
+        let wrong = dir("wrong");
+        std::fs::write(wrong.join("CACHEDIR.TAG"), b"Signature: 8a477f597d28d17278").unwrap();
+        assert!(!is_cache_dir(&wrong));
+        let linked = dir("linked");
+        std::os::unix::fs::symlink(tagged.join("CACHEDIR.TAG"), linked.join("CACHEDIR.TAG"))
+            .unwrap();
+        assert!(!is_cache_dir(&linked));
+        // A FIFO with no writer: opened without blocking, and not read.
+        let fifo = dir("fifo");
+        nix::unistd::mkfifo(
+            &fifo.join("CACHEDIR.TAG"),
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+        )
+        .unwrap();
+        assert!(!is_cache_dir(&fifo));
+        let directory = dir("directory");
+        std::fs::create_dir(directory.join("CACHEDIR.TAG")).unwrap();
+        assert!(!is_cache_dir(&directory));
+    }
 
     #[test]
     fn critical_objects_go_first_then_smaller_change_sets_then_older() {

@@ -382,14 +382,14 @@ pub fn quickstart(paths: &Paths, args: &QuickstartArgs) -> anyhow::Result<ExitCo
     config.sets.retain(|s| s.name != "quickstart");
     config.sets.push(BackupSet {
         name: "quickstart".into(),
-        paths: absolute,
+        paths: absolute.clone(),
         exclude,
         priority: Priority::Normal,
         one_file_system: false,
         exclude_caches: true,
     });
     config.save(&paths.config)?;
-    say!("\nBacking up {} ...", display_paths(&args.paths));
+    say!("\nBacking up {} ...", display_paths(&absolute));
     let code = commands::backup(
         paths,
         &BackupArgs {

@@ -80,11 +80,6 @@ impl Location {
     }
 }
 
-/// Where spool file `number` is.
-fn file_path(dir: &Path, number: u64) -> PathBuf {
-    dir.join(format!("{number:016x}"))
-}
-
 /// The spool could not be written or synced (a full or failing disk): the set's
 /// backup stops on it, keeping what was committed before.
 #[derive(Debug, thiserror::Error)]
@@ -233,7 +228,16 @@ impl Spool {
     }
 
     fn path(&self, number: u64) -> PathBuf {
-        file_path(&self.dir, number)
+        self.dir.join(format!("{number:016x}"))
+    }
+
+    /// Drops the writer after a write to its file or a sync of it failed: part of
+    /// an object may be in the file past what any location says, and what it held
+    /// unsynced may be lost whatever a later sync says, so the next object goes to
+    /// a new file.
+    fn writer_failed(&mut self, what: &'static str, error: std::io::Error) -> anyhow::Error {
+        let number = self.writer.take().expect("the writer that failed").number;
+        WriteFailed::new(what, &self.path(number), error).into()
     }
 
     /// Appends an object's bytes and records where they are, in `txn`, with
@@ -309,11 +313,7 @@ impl Spool {
             crc: crc32fast::hash(bytes),
         };
         if let Err(error) = writer.file.write_all(bytes) {
-            // Part of the object may be in the file, past what `len` says: the
-            // next object goes to a new file rather than after those bytes.
-            let path = file_path(&self.dir, writer.number);
-            self.writer = None;
-            return Err(WriteFailed::new("write to the spool file", &path, error).into());
+            return Err(self.writer_failed("write to the spool file", error));
         }
         writer.len += u64::from(len);
         writer.synced = false;
@@ -330,11 +330,7 @@ impl Spool {
             && !writer.synced
         {
             if let Err(error) = writer.file.sync_data() {
-                // What the file held unsynced may be lost whatever a later sync
-                // says: the next object goes to a new file.
-                let path = file_path(&self.dir, writer.number);
-                self.writer = None;
-                return Err(WriteFailed::new("sync the spool file", &path, error).into());
+                return Err(self.writer_failed("sync the spool file", error));
             }
             writer.synced = true;
         }

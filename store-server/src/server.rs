@@ -550,8 +550,7 @@ impl<B: Backend + 'static> Server<B> {
         let account = session.client.account.clone();
         *storing = Some(tokio::task::spawn_blocking(move || {
             let mut answers = Vec::new();
-            let objects: Vec<(ObjectId, &[u8])> = batch.objects(&batch.data).collect();
-            server.store_batch(&account, &objects, &mut answers);
+            server.store_batch(&account, &batch, &batch.data, &mut answers);
             (answers, batch)
         }));
     }
@@ -571,18 +570,24 @@ impl<B: Backend + 'static> Server<B> {
         }
         if !session.batch.is_empty() {
             // Still in the decoder's buffer: stored from there.
-            let objects: Vec<(ObjectId, &[u8])> = session.batch.objects(decoder.framed()).collect();
             tokio::task::block_in_place(|| {
-                self.store_batch(&session.client.account, &objects, out);
+                self.store_batch(
+                    &session.client.account,
+                    &session.batch,
+                    decoder.framed(),
+                    out,
+                );
             });
             session.batch.clear();
         }
         Ok(())
     }
 
-    /// Stores the batched whole objects and answers each: Stored or Refused.
-    fn store_batch(&self, account: &str, objects: &[(ObjectId, &[u8])], out: &mut Vec<u8>) {
-        match self.store.put_whole(account, objects) {
+    /// Stores the batched whole objects, whose bytes lie in `data`, and answers
+    /// each: Stored or Refused.
+    fn store_batch(&self, account: &str, batch: &Batch, data: &[u8], out: &mut Vec<u8>) {
+        let objects: Vec<(ObjectId, &[u8])> = batch.objects(data).collect();
+        match self.store.put_whole(account, &objects) {
             Ok(results) => {
                 for ((id, _), result) in objects.iter().zip(results) {
                     match result {
@@ -598,7 +603,7 @@ impl<B: Backend + 'static> Server<B> {
             // Nothing of the batch was stored: every object is refused alike.
             Err(error) => {
                 let error = wire_error(&error);
-                for (id, _) in objects {
+                for (id, _) in &objects {
                     ServerMessage::Refused {
                         id: *id,
                         error: error.clone(),

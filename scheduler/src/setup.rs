@@ -379,17 +379,18 @@ pub fn quickstart(paths: &Paths, args: &QuickstartArgs) -> anyhow::Result<ExitCo
     }
     let mut exclude = Vec::new();
     exclude.push(format!("{}/", store_dir.display()));
+    let shown = display_paths(&absolute);
     config.sets.retain(|s| s.name != "quickstart");
     config.sets.push(BackupSet {
         name: "quickstart".into(),
-        paths: absolute.clone(),
+        paths: absolute,
         exclude,
         priority: Priority::Normal,
         one_file_system: false,
         exclude_caches: true,
     });
     config.save(&paths.config)?;
-    say!("\nBacking up {} ...", display_paths(&absolute));
+    say!("\nBacking up {shown} ...");
     let code = commands::backup(
         paths,
         &BackupArgs {

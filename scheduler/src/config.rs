@@ -342,16 +342,20 @@ priority = "critical"
         }
     }
 
+    /// What `config.toml` holds once `config` is saved in `dir`.
+    fn saved(config: &Config, dir: &Path) -> String {
+        config.save(dir).unwrap();
+        std::fs::read_to_string(dir.join(FILE_NAME)).unwrap()
+    }
+
     #[test]
     fn the_sealing_threads_are_saved_only_when_set() {
         let dir = tempfile::tempdir().unwrap();
         let mut config = Config::parse(GOOD, Path::new("c.toml"), dir.path()).unwrap();
-        config.save(dir.path()).unwrap();
-        let text = std::fs::read_to_string(dir.path().join(FILE_NAME)).unwrap();
+        let text = saved(&config, dir.path());
         assert!(!text.contains("[seal]"), "{text}");
         config.seal.threads = std::num::NonZeroUsize::new(3);
-        config.save(dir.path()).unwrap();
-        let text = std::fs::read_to_string(dir.path().join(FILE_NAME)).unwrap();
+        let text = saved(&config, dir.path());
         let again = Config::parse(&text, Path::new("c.toml"), dir.path()).unwrap();
         assert_eq!(again.seal.threads(), 3);
         assert_eq!(again.sets, config.sets);
@@ -362,12 +366,10 @@ priority = "critical"
         let dir = tempfile::tempdir().unwrap();
         let mut config = Config::parse(GOOD, Path::new("c.toml"), dir.path()).unwrap();
         assert!(config.sets[0].exclude_caches);
-        config.save(dir.path()).unwrap();
-        let text = std::fs::read_to_string(dir.path().join(FILE_NAME)).unwrap();
+        let text = saved(&config, dir.path());
         assert!(!text.contains("exclude_caches"), "{text}");
         config.sets[0].exclude_caches = false;
-        config.save(dir.path()).unwrap();
-        let text = std::fs::read_to_string(dir.path().join(FILE_NAME)).unwrap();
+        let text = saved(&config, dir.path());
         assert!(text.contains("exclude_caches = false"), "{text}");
         let again = Config::parse(&text, Path::new("c.toml"), dir.path()).unwrap();
         assert!(!again.sets[0].exclude_caches);

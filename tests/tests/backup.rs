@@ -591,6 +591,21 @@ impl Drop for Mounted {
     }
 }
 
+/// The backup failed on its full spool, saying so (ENOSPC, whatever the locale
+/// says of it), and did not take the full disk for files it could not read.
+fn assert_stopped_by_a_full_spool(out: &Output) {
+    let err = stderr(out);
+    assert!(
+        !out.status.success() && out.status.code() != Some(3),
+        "{err}"
+    );
+    assert!(
+        err.contains("spool file") && err.contains("os error 28"),
+        "{err}"
+    );
+    assert!(!err.contains("cannot read"), "{err}");
+}
+
 #[test]
 fn a_full_disk_under_the_spool_stops_the_backup_and_leaves_no_file_out() {
     let rig = Rig::new("0");
@@ -617,18 +632,7 @@ fn a_full_disk_under_the_spool_stops_the_backup_and_leaves_no_file_out() {
     // file is sealed: in the parallel pipeline, and on the walking thread.
     for threads in [Some(2), None] {
         rig.set_sealing_threads(threads);
-        let out = rig.backup_output(&[&src]);
-        let err = stderr(&out);
-        assert!(
-            !out.status.success() && out.status.code() != Some(3),
-            "{err}"
-        );
-        // ENOSPC, whatever the locale says of it.
-        assert!(
-            err.contains("spool file") && err.contains("os error 28"),
-            "{err}"
-        );
-        assert!(!err.contains("cannot read"), "{err}");
+        assert_stopped_by_a_full_spool(&rig.backup_output(&[&src]));
     }
     // With room again, the next run backs everything up.
     mounted.resize("64m");
@@ -2205,19 +2209,12 @@ fn a_full_spool_stops_the_reading_of_a_large_file_at_once() {
     for threads in [3, 1] {
         rig.set_sealing_threads(Some(threads));
         served.store(0, std::sync::atomic::Ordering::Relaxed);
-        let out = rig.backup_output(&[&src]);
-        let err = stderr(&out);
-        assert!(
-            !out.status.success() && out.status.code() != Some(3),
-            "{err}"
-        );
-        assert!(err.contains("os error 28"), "{err}");
+        assert_stopped_by_a_full_spool(&rig.backup_output(&[&src]));
         let read = served.load(std::sync::atomic::Ordering::Relaxed);
-        eprintln!("{threads} sealing threads: {read} bytes of 64 MiB read");
-        assert!(
-            read < 16 << 20,
-            "{threads} sealing threads: {read} bytes of 64 MiB read for a 4 MiB spool"
-        );
+        let said =
+            format!("{threads} sealing threads: {read} bytes of 64 MiB read for a 4 MiB spool");
+        eprintln!("{said}");
+        assert!(read < 16 << 20, "{said}");
     }
     session.umount_and_join().unwrap();
 }

@@ -407,19 +407,34 @@ fn median(mut values: Vec<u64>) -> u64 {
     values[values.len() / 2]
 }
 
-/// Peak RSS (MB) of the initial backups of 10k files over 500 directories and of
-/// 200k over 4 000, each its own set.
-fn rss_10k_200k(rig: &Rig, scale: usize, g: &mut Gen) -> (f64, f64) {
-    let small = rig.work.join("rss-tenk");
-    many(&small, 10_000 / scale, 500 / scale, g);
-    let tenk = rig.backup("rss-tenk", &small);
-    let large = rig.work.join("rss-twohundredk");
-    many(&large, 200_000 / scale, 4000 / scale, g);
-    let twohundredk = rig.backup("rss-twohundredk", &large);
-    (
-        num(&tenk, "peak_rss_bytes") / 1e6,
-        num(&twohundredk, "peak_rss_bytes") / 1e6,
-    )
+/// A tree of `count` small files over `dirs` directories under the bench's work
+/// directory, and the summary of its initial backup as set `name`.
+fn many_backed_up(
+    rig: &Rig,
+    name: &str,
+    count: usize,
+    dirs: usize,
+    g: &mut Gen,
+) -> (PathBuf, Value) {
+    let root = rig.work.join(name);
+    many(&root, count, dirs, g);
+    let summary = rig.backup(name, &root);
+    (root, summary)
+}
+
+/// The peak-memory line for the initial backups of 10k and of 200k small files.
+fn rss_line(tenk: &Value, twohundredk: &Value, scale: usize) -> (f64, f64) {
+    let (rss_10k, rss_200k) = (
+        num(tenk, "peak_rss_bytes") / 1e6,
+        num(twohundredk, "peak_rss_bytes") / 1e6,
+    );
+    println!(
+        "peak RSS, initial backup: {rss_10k:.1} MB for {} files, {rss_200k:.1} MB for {} files ({:.2}x)",
+        10_000 / scale,
+        200_000 / scale,
+        rss_200k / rss_10k
+    );
+    (rss_10k, rss_200k)
 }
 
 fn main() {
@@ -436,11 +451,9 @@ fn main() {
     if std::env::var_os("HOMING_BENCH_RSS_ONLY").is_some() {
         // For measuring memory alone: the 10k and 200k initial backups, in a
         // fresh store (the full run's state holds the other sets too).
-        let (rss_10k, rss_200k) = rss_10k_200k(&rig, scale, &mut g);
-        println!(
-            "peak RSS: {rss_10k:.1} MB for 10k files, {rss_200k:.1} MB for 200k ({:.2}x)",
-            rss_200k / rss_10k
-        );
+        let (_, tenk) = many_backed_up(&rig, "tenk", 10_000 / scale, 500 / scale, &mut g);
+        let (_, large) = many_backed_up(&rig, "twohundredk", 200_000 / scale, 4000 / scale, &mut g);
+        rss_line(&tenk, &large, scale);
         return;
     }
     // Initial backup and rescan of the laptop tree.
@@ -575,9 +588,7 @@ fn main() {
     report.insert("a_median_cpu_ms".into(), a_cpu.into());
 
     // (b) One new 1 KB file in 10k files over 500 directories.
-    let small = rig.work.join("tenk");
-    many(&small, 10_000 / scale, 500 / scale, &mut g);
-    let tenk = rig.backup("tenk", &small);
+    let (small, tenk) = many_backed_up(&rig, "tenk", 10_000 / scale, 500 / scale, &mut g);
     write(&small.join("top03/dir0123/new.txt"), &g.text(1000));
     let b = rig.backup("tenk", &small);
     let b_sent = num(&b, "connection_sent") as u64;
@@ -589,9 +600,7 @@ fn main() {
     report.insert("b_sent".into(), b_sent.into());
 
     // Rescan of 100k unchanged files; peak memory for 10k vs 200k files.
-    let hundredk = rig.work.join("hundredk");
-    many(&hundredk, 100_000 / scale, 2000 / scale, &mut g);
-    rig.backup("hundredk", &hundredk);
+    let (hundredk, _) = many_backed_up(&rig, "hundredk", 100_000 / scale, 2000 / scale, &mut g);
     let again = rig.backup("hundredk", &hundredk);
     println!(
         "rescan of {} unchanged files: {:.2} s (CPU {:.2} s)",
@@ -601,21 +610,10 @@ fn main() {
     );
     report.insert("rescan_100k_s".into(), num(&again, "seconds").into());
     fs::remove_dir_all(&hundredk).expect("cleaned");
-    let twohundredk = rig.work.join("twohundredk");
-    many(&twohundredk, 200_000 / scale, 4000 / scale, &mut g);
-    let large = rig.backup("twohundredk", &twohundredk);
-    let rss_10k = num(&tenk, "peak_rss_bytes");
-    let rss_200k = num(&large, "peak_rss_bytes");
-    println!(
-        "peak RSS, initial backup: {:.1} MB for {} files, {:.1} MB for {} files ({:.2}x)",
-        rss_10k / 1e6,
-        10_000 / scale,
-        rss_200k / 1e6,
-        200_000 / scale,
-        rss_200k / rss_10k
-    );
-    report.insert("rss_10k_mb".into(), (rss_10k / 1e6).into());
-    report.insert("rss_200k_mb".into(), (rss_200k / 1e6).into());
+    let (_, large) = many_backed_up(&rig, "twohundredk", 200_000 / scale, 4000 / scale, &mut g);
+    let (rss_10k, rss_200k) = rss_line(&tenk, &large, scale);
+    report.insert("rss_10k_mb".into(), rss_10k.into());
+    report.insert("rss_200k_mb".into(), rss_200k.into());
     let _ = &rig.store_binary;
     println!("{}", Value::Object(report));
 }
